@@ -1,0 +1,285 @@
+"""Forward-graph rewrites for what GradientGraphBuilder 1.19.2 cannot differentiate or gets wrong.
+
+See design/lowering.md, "Builder pitfalls". Every rewrite keeps the forward values bit-for-bit or
+to float rounding; tests compare the rewritten forward graph with the original.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import helper, version_converter
+
+from .graph import GraphContext, attrs, infer_shapes, opset_version
+
+MIN_OPSET, MAX_OPSET = 13, 21
+# ScatterElements(reduction="add"), used by the pooling and gather lowerings, needs opset 16.
+TARGET_MIN_OPSET = 16
+
+
+class UnsupportedModelError(ValueError):
+    """The model uses something onnxplain cannot differentiate; the message says what to do."""
+
+
+# Ops with no gradient in the builder and no rewrite here, with the advice given to the user.
+REFUSED = {
+    "Resize": "the builder emits ResizeGrad, which has no kernel; export the model with a fixed "
+    "input size and resize outside the model",
+    "Upsample": "as Resize: resize outside the model",
+    "Loop": "control flow cannot be differentiated; export a model without Loop",
+    "If": "control flow cannot be differentiated; export with constant conditions folded",
+    "Scan": "control flow cannot be differentiated",
+    "ArgMax": "ArgMax has no gradient; export the logits, not the predicted index",
+    "TopK": "TopK has no gradient; export the logits",
+    "NonMaxSuppression": "detection post-processing is not a classifier output",
+}
+
+
+def upgrade_opset(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
+    version = opset_version(model)
+    if version < MIN_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {version} is older than {MIN_OPSET} (Softmax semantics changed at 13); "
+            f"re-export the model with opset >= {MIN_OPSET}"
+        )
+    if version > MAX_OPSET:
+        raise UnsupportedModelError(
+            f"{where}: opset {version} is newer than {MAX_OPSET}, the last one onnxruntime-training "
+            f"1.19.2 reads; re-export with opset <= {MAX_OPSET}"
+        )
+    if version < TARGET_MIN_OPSET:
+        try:
+            model = version_converter.convert_version(model, TARGET_MIN_OPSET)
+        except Exception as e:
+            raise UnsupportedModelError(
+                f"{where}: could not raise opset {version} to {TARGET_MIN_OPSET} ({e}); "
+                f"re-export with opset >= {TARGET_MIN_OPSET}"
+            ) from e
+    return model
+
+
+def prepass(model: onnx.ModelProto, input_name: str, where: str = "model") -> onnx.ModelProto:
+    """Return a rewritten copy of ``model`` ready for the builder."""
+    model = upgrade_opset(model, where)
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for node in m.graph.node:
+        if node.op_type in REFUSED and node.domain in ("", "ai.onnx"):
+            raise UnsupportedModelError(
+                f"{where}: node {node.name!r} (op {node.op_type}) cannot be differentiated: "
+                f"{REFUSED[node.op_type]}"
+            )
+        if node.domain not in ("", "ai.onnx"):
+            raise UnsupportedModelError(
+                f"{where}: node {node.name!r} uses op {node.domain}::{node.op_type} outside the "
+                "standard ONNX domain; export with standard ops only"
+            )
+    ctx = GraphContext(m, infer_shapes(m))
+    new_nodes = []
+    for node in m.graph.node:
+        rewrite = _REWRITES.get(node.op_type)
+        new_nodes.extend(rewrite(node, ctx, where) if rewrite else [node])
+    del m.graph.node[:]
+    m.graph.node.extend(new_nodes)
+    m.graph.initializer.extend(ctx.new_initializers)
+    _isolate_input(m, input_name)
+    return m
+
+
+def _isolate_input(m: onnx.ModelProto, input_name: str) -> None:
+    """Feed the input through an Identity: a node like Mul(x, x) directly on a graph input makes
+    the builder emit a duplicate x_grad."""
+    alias = "onnxplain/input_identity"
+    for node in m.graph.node:
+        for i, name in enumerate(node.input):
+            if name == input_name:
+                node.input[i] = alias
+    m.graph.node.insert(0, helper.make_node("Identity", [input_name], [alias], name=alias))
+
+
+def _batchnorm(node, ctx, where):
+    """Eval-mode BatchNormalization -> Mul/Add with the running statistics (no gradient builder)."""
+    x, scale, bias, mean, var = node.input[:5]
+    values = [ctx.const_value(n) for n in (scale, bias, mean, var)]
+    if any(v is None for v in values):
+        raise UnsupportedModelError(
+            f"{where}: node {node.name!r} (BatchNormalization) has non-constant parameters; "
+            "export the model in eval mode"
+        )
+    if len([o for o in node.output if o]) > 1 or attrs(node).get("training_mode", 0):
+        raise UnsupportedModelError(f"{where}: node {node.name!r} (BatchNormalization) is in "
+                                    "training mode; export the model in eval mode")
+    gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
+    eps = attrs(node).get("epsilon", 1e-5)
+    a = gamma / np.sqrt(sigma2 + eps)
+    b = beta - mu * a
+    rank = ctx.rank(x)
+    if rank is None:
+        raise UnsupportedModelError(f"{where}: node {node.name!r}: rank of {x!r} unknown")
+    bshape = [-1] + [1] * (rank - 2)
+    scaled = ctx.fresh("bn_scaled")
+    return [
+        helper.make_node("Mul", [x, ctx.const(a.astype(np.float32).reshape(bshape), "bn_a")],
+                         [scaled], name=node.name + "/mul"),
+        helper.make_node("Add", [scaled, ctx.const(b.astype(np.float32).reshape(bshape), "bn_b")],
+                         [node.output[0]], name=node.name + "/add"),
+    ]
+
+
+def _layernorm(node, ctx, where):
+    """The builder needs LayerNormalization's Mean and InvStdDev outputs; torch exports one."""
+    outs = list(node.output) + [""] * (3 - len(node.output))
+    outs[1] = outs[1] or ctx.fresh("ln_mean")
+    outs[2] = outs[2] or ctx.fresh("ln_inv_std")
+    n = onnx.NodeProto()
+    n.CopyFrom(node)
+    del n.output[:]
+    n.output.extend(outs)
+    return [n]
+
+
+def _gelu(node, ctx, where):
+    """Gelu-20: the builder gives the tanh form the erf gradient, so decompose both forms."""
+    (x,) = node.input[:1]
+    approx = attrs(node).get("approximate", b"none")
+    approx = approx.decode() if isinstance(approx, bytes) else approx
+    c = lambda v: ctx.const(np.float32(v))  # noqa: E731
+    f = ctx.fresh
+    half_x, inner, s, out = f("half_x"), f("inner"), f("s"), node.output[0]
+    nodes = [helper.make_node("Mul", [x, c(0.5)], [half_x])]
+    if approx == "tanh":
+        x3, cubic, u = f("x3"), f("cubic"), f("u")
+        nodes += [
+            helper.make_node("Pow", [x, c(3.0)], [x3]),
+            helper.make_node("Mul", [x3, c(0.044715)], [cubic]),
+            helper.make_node("Add", [x, cubic], [inner]),
+            helper.make_node("Mul", [inner, c(math.sqrt(2 / math.pi))], [u]),
+            helper.make_node("Tanh", [u], [s]),
+        ]
+    else:
+        nodes += [
+            helper.make_node("Mul", [x, c(1 / math.sqrt(2))], [inner]),
+            helper.make_node("Erf", [inner], [s]),
+        ]
+    one_plus = f("one_plus")
+    nodes += [helper.make_node("Add", [s, c(1.0)], [one_plus]),
+              helper.make_node("Mul", [half_x, one_plus], [out])]
+    return nodes
+
+
+def _reduce_max(node, ctx, where):
+    """ReduceMax has no gradient: ReduceSum(x * mask) / count with mask = (x == max).
+    Ties share the gradient evenly (torch.amax semantics)."""
+    a = attrs(node)
+    keepdims = a.get("keepdims", 1)
+    axes_inputs = list(node.input[1:2])
+    f = ctx.fresh
+    mx, eq, mask, masked, num, cnt = f("max"), f("eq"), f("mask"), f("masked"), f("num"), f("count")
+    red_kw = {"keepdims": 1}
+    reduce_inputs = axes_inputs
+    if "axes" in a:  # opset < 18: axes attribute; ReduceSum takes them as an input from 13
+        reduce_inputs = [ctx.const(np.array(a["axes"], np.int64), "axes")]
+        max_node = helper.make_node("ReduceMax", [node.input[0]], [mx], axes=a["axes"], keepdims=1)
+    else:
+        max_node = helper.make_node("ReduceMax", [node.input[0], *axes_inputs], [mx], keepdims=1)
+    nodes = [
+        max_node,
+        helper.make_node("Equal", [node.input[0], mx], [eq]),
+        helper.make_node("Cast", [eq], [mask], to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [node.input[0], mask], [masked]),
+        helper.make_node("ReduceSum", [masked, *reduce_inputs], [num], **red_kw),
+        helper.make_node("ReduceSum", [mask, *reduce_inputs], [cnt], **red_kw),
+    ]
+    if keepdims:
+        nodes.append(helper.make_node("Div", [num, cnt], [node.output[0]]))
+    else:
+        div = f("div")
+        squeeze_axes = reduce_inputs or []
+        nodes.append(helper.make_node("Div", [num, cnt], [div]))
+        if squeeze_axes:
+            nodes.append(helper.make_node("Squeeze", [div, *squeeze_axes], [node.output[0]]))
+        else:  # all axes reduced
+            nodes.append(helper.make_node("Reshape", [div, ctx.const(np.array([], np.int64))],
+                                          [node.output[0]]))
+    return nodes
+
+
+def _elu(node, ctx, where):
+    """Elu = Relu(x) + alpha (exp(-Relu(-x)) - 1): no Elu gradient in the builder, and this form
+    never evaluates exp of a large positive number."""
+    alpha = attrs(node).get("alpha", 1.0)
+    x = node.input[0]
+    f = ctx.fresh
+    pos, negx, rn, nrn, e, em1, scaled = (f(k) for k in ("pos", "negx", "rn", "nrn", "e", "em1", "sc"))
+    return [
+        helper.make_node("Relu", [x], [pos]),
+        helper.make_node("Neg", [x], [negx]),
+        helper.make_node("Relu", [negx], [rn]),
+        helper.make_node("Neg", [rn], [nrn]),
+        helper.make_node("Exp", [nrn], [e]),
+        helper.make_node("Sub", [e, ctx.const(np.float32(1))], [em1]),
+        helper.make_node("Mul", [em1, ctx.const(np.float32(alpha))], [scaled]),
+        helper.make_node("Add", [pos, scaled], [node.output[0]]),
+    ]
+
+
+def _hard_sigmoid_nodes(ctx, x, alpha, beta, out):
+    lin, shifted = ctx.fresh("hs_lin"), ctx.fresh("hs_shift")
+    return [
+        helper.make_node("Mul", [x, ctx.const(np.float32(alpha))], [lin]),
+        helper.make_node("Add", [lin, ctx.const(np.float32(beta))], [shifted]),
+        helper.make_node("Clip", [shifted, ctx.const(np.float32(0)), ctx.const(np.float32(1))], [out]),
+    ]
+
+
+def _hard_sigmoid(node, ctx, where):
+    a = attrs(node)
+    return _hard_sigmoid_nodes(ctx, node.input[0], a.get("alpha", 0.2), a.get("beta", 0.5), node.output[0])
+
+
+def _hard_swish(node, ctx, where):
+    hs = ctx.fresh("hard_sigmoid")
+    return _hard_sigmoid_nodes(ctx, node.input[0], 1 / 6, 0.5, hs) + [
+        helper.make_node("Mul", [node.input[0], hs], [node.output[0]])
+    ]
+
+
+def _clip(node, ctx, where):
+    """Make Clip's bounds explicit inputs so the custom gradient definitions can read I(1), I(2)."""
+    inputs = list(node.input) + [""] * (3 - len(node.input))
+    a = attrs(node)
+    lo = a.get("min", -np.inf)
+    hi = a.get("max", np.inf)
+    if not inputs[1]:
+        inputs[1] = ctx.const(np.float32(lo), "clip_min")
+    if not inputs[2]:
+        inputs[2] = ctx.const(np.float32(hi), "clip_max")
+    return [helper.make_node("Clip", inputs, list(node.output), name=node.name)]
+
+
+def _pad(node, ctx, where):
+    mode = attrs(node).get("mode", b"constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise UnsupportedModelError(
+            f"{where}: node {node.name!r} (Pad, mode={mode}) cannot be differentiated by the builder; "
+            "only constant padding is supported"
+        )
+    return [node]
+
+
+_REWRITES = {
+    "BatchNormalization": _batchnorm,
+    "LayerNormalization": _layernorm,
+    "Gelu": _gelu,
+    "ReduceMax": _reduce_max,
+    "Elu": _elu,
+    "HardSigmoid": _hard_sigmoid,
+    "HardSwish": _hard_swish,
+    "Clip": _clip,
+    "Pad": _pad,
+}
+
+__all__ = ["prepass", "upgrade_opset", "UnsupportedModelError"]

@@ -1,0 +1,164 @@
+"""AGI: Adversarial Gradient Integration (Pan et al., IJCAI 2021; spec methods.md §8)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from engine.methods.common import Target, check_input, check_output, output_scores, resolve_target
+from engine.methods.idgi import idgi_step
+from engine.methods.integrated_gradients import integrate_straight_path
+from engine.protocol import ClassifierLike
+
+SELECTIONS = ("random", "spaced", "least_likely", "most_likely")
+PATHS = ("steepest", "straight")
+
+
+def select_classes(
+    explained: np.ndarray,
+    logits: np.ndarray,
+    classes: int | Sequence[int],
+    selection: str,
+    seed: int | None,
+) -> np.ndarray:
+    """Adversarial classes per image, (N, k) int64, -1 marking an unused slot.
+
+    The explained class is never selected. ``classes`` as an int k is capped at K − 1.
+    "random": ONE seeded permutation of the K classes shared by all images (the reference draws
+    once per run), each image taking its first k entries that differ from its explained class.
+    "spaced": ``range(0, K - 1, K // k)`` minus the explained class (AGI_main.py; can give k + 1
+    classes, e.g. 16 for K=1000, k=15). "least_likely" / "most_likely": by softmax(logits) at the
+    input. An explicit list of ids: that list, minus the explained class.
+    """
+    n, num_classes = logits.shape
+    if not isinstance(classes, (int, np.integer)):
+        ids = np.asarray(classes, dtype=np.int64).reshape(-1)
+        if ids.size == 0 or ids.min() < 0 or ids.max() >= num_classes:
+            raise ValueError(f"classes must be ids in [0, {num_classes}); got {list(classes)}")
+        rows = [ids[ids != c] for c in explained]
+    else:
+        k = min(int(classes), num_classes - 1)
+        if k < 1:
+            raise ValueError(f"classes must be >= 1 and K >= 2; got {classes}, K={num_classes}")
+        if selection == "random":
+            perm = np.random.default_rng(seed).permutation(num_classes)
+            rows = [perm[perm != c][:k] for c in explained]
+        elif selection == "spaced":
+            ids = np.arange(0, num_classes - 1, num_classes // k)
+            rows = [ids[ids != c] for c in explained]
+        elif selection in ("least_likely", "most_likely"):
+            order = np.argsort(logits, axis=1, kind="stable")  # softmax preserves the order
+            if selection == "most_likely":
+                order = order[:, ::-1]
+            rows = [o[o != c][:k] for o, c in zip(order, explained, strict=True)]
+        else:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
+    width = max(len(r) for r in rows)
+    out = np.full((n, width), -1, dtype=np.int64)
+    for i, r in enumerate(rows):
+        out[i, : len(r)] = r
+    return out
+
+
+def agi(
+    model: ClassifierLike,
+    x: np.ndarray,
+    target: Target = None,
+    *,
+    output: str = "probability",
+    classes: int | Sequence[int] = 20,
+    eps: float = 0.05,
+    max_steps: int = 20,
+    selection: str = "random",
+    accumulate: bool = True,
+    path: str = "steepest",
+    idgi: bool = False,
+    return_per_class: bool = False,
+    seed: int | None = 0,
+) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+    """AGI: for each adversarial class a, walk the steepest-ascent path of f_a (FGSM steps of size
+    ``eps``, clipped to ``model.input_range``) and integrate −∂f_c/∂x along it; sum over classes
+    (no division by k, as the reference).
+
+    accumulate=True (paper): x_{t+1} = clip(x_t + eps·sign(∇f_a(x_t))), acc += −∇f_c(x_t) ⊙
+    (x_{t+1} − x_t). accumulate=False (reference code): x_{t+1} = clip(x_0 + eps·sign(∇f_a(x_t))),
+    acc += −∇f_c(x_t) ⊙ (x_{t+1} − x_0). Early stop per (image, class) when argmax f(x_t) == a,
+    checked before x_t is used (one ``predict`` per step). Per step ONE gradient call with 2·M
+    rows (M = pairs still running: the adversarial and the explained gradient).
+    path="straight" (ablation): the steepest phase only locates the final adversarial point
+    x_adv (gradient calls with M rows); the attribution is then IG from x_adv to x_0 for the
+    explained class, right Riemann sum with ``max_steps`` points (the same number of gradient
+    evaluations), one call. idgi: each term's −g ⊙ (b − a) becomes g²·(f_c(a) − f_c(b))/Σg²,
+    i.e. IDGI on segments oriented adversarial → input, with f_c from ``predict`` (steepest), or
+    IDGI on the straight line (straight).
+    The gradient of ``output`` (default probability = the reference's softmax) is used for both
+    classes; the reference's double-softmax variant (AGI_quantitive.py) needs K gradients per point
+    and is not offered. Returns float32 (N, *input_shape); with ``return_per_class`` also the
+    per-class maps (N, k, *input_shape) (zeros in unused slots, see ``select_classes``).
+    """
+    check_output(output)
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+    if int(max_steps) < 1:
+        raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+    x = check_input(model, x)
+    logits0 = np.asarray(model.predict(x), dtype=np.float64)
+    explained = resolve_target(model, x, target, logits0)
+    adv = select_classes(explained, logits0, classes, selection, seed)
+    lo, hi = (float(v) for v in model.input_range)
+
+    img, slot = np.nonzero(adv >= 0)  # one row per (image, adversarial class) pair
+    cls, lab = adv[img, slot], explained[img]
+    x0 = x[img].astype(np.float64)
+    xp = x0.copy()
+    acc = np.zeros_like(x0)
+    f_x0 = output_scores(logits0[img], lab, output)
+    running = np.arange(len(img))
+    pending = None  # IDGI: (rows, gradient, f_c at the segment start) awaiting f_c at its end
+    steepest = path == "steepest"
+    for t in range(int(max_steps)):
+        if t == 0:
+            logits = logits0[img]
+        else:
+            logits = np.asarray(model.predict(xp[running].astype(np.float32)), dtype=np.float64)
+        if pending is not None:
+            rows, g, f_start = pending
+            f_end = output_scores(logits, lab[rows], output)
+            acc[rows] += idgi_step(g, f_start - f_end)
+            pending = None
+        keep = logits.argmax(axis=1) != cls[running]
+        running, logits = running[keep], logits[keep]
+        if running.size == 0:
+            break
+        m = running.size
+        pts = xp[running].astype(np.float32)
+        if steepest:
+            rows_x = np.concatenate([pts, pts])
+            _, g = model.gradient(rows_x, np.concatenate([cls[running], lab[running]]), output)
+            g = np.asarray(g, dtype=np.float64)
+            g_adv, g_lab = g[:m], g[m:]
+        else:
+            _, g_adv = model.gradient(pts, cls[running], output)
+            g_adv = np.asarray(g_adv, dtype=np.float64)
+        start = xp[running] if accumulate else x0[running]
+        new = np.clip(start + eps * np.sign(g_adv), lo, hi)
+        if steepest and idgi:
+            f_start = output_scores(logits, lab[running], output) if accumulate else f_x0[running]
+            pending = (running, g_lab, f_start)
+        elif steepest:
+            acc[running] += -g_lab * (new - start)
+        xp[running] = new
+    if pending is not None:  # the last segment's end point was never predicted
+        rows, g, f_start = pending
+        logits = np.asarray(model.predict(xp[rows].astype(np.float32)), dtype=np.float64)
+        acc[rows] += idgi_step(g, f_start - output_scores(logits, lab[rows], output))
+    if not steepest:
+        x_adv = xp.astype(np.float32)
+        acc, _ = integrate_straight_path(
+            model, x0.astype(np.float32), x_adv, lab, output, int(max_steps), "right", idgi
+        )
+    per_class = np.zeros((*adv.shape, *x.shape[1:]), dtype=np.float64)
+    per_class[img, slot] = acc
+    total = per_class.sum(axis=1).astype(np.float32)
+    return (total, per_class.astype(np.float32)) if return_per_class else total

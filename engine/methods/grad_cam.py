@@ -1,0 +1,69 @@
+"""Grad-CAM (Selvaraju et al., ICCV 2017), upsampled like captum ``LayerGradCam`` +
+``LayerAttribution.interpolate(..., "bilinear")``."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.methods.common import Target, prepare, spatial_axes
+from engine.protocol import ClassifierLike
+
+
+def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) matrix of 1-D linear interpolation, torch ``align_corners=False``:
+    source = (dst + 0.5)·n_in/n_out − 0.5, clamped at 0, neighbours clamped at the last index."""
+    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    lam = src - i0
+    m = np.zeros((n_out, n_in))
+    np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
+    np.add.at(m, (np.arange(n_out), i1), lam)
+    return m
+
+
+def upsample_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear resize of (N, h, w) maps to (N, H, W), like ``F.interpolate(mode="bilinear",
+    align_corners=False)`` (torch's default, which captum uses)."""
+    rows = _linear_weights(maps.shape[1], size[0])
+    cols = _linear_weights(maps.shape[2], size[1])
+    return np.einsum("Hh,nhw,Ww->nHW", rows, maps, cols)
+
+
+def grad_cam(
+    model: ClassifierLike,
+    x: np.ndarray,
+    target: Target = None,
+    *,
+    output: str = "probability",
+    layer: str | None = None,
+    relu: bool = True,
+) -> np.ndarray:
+    """Grad-CAM: ReLU(Σ_k w_k A_k) with w_k the spatial mean of ∂f_c/∂A_k, upsampled bilinearly
+    (align_corners=False) to the input's spatial size.
+
+    layer: a named tensor, or None for the last convolutional feature map (chosen by the model).
+    The activation A follows ``model.layout``: (N, C', h, w) for NCHW, (N, h, w, C') for NHWC.
+    relu=True as the paper (captum's ``relu_attributions`` defaults to False); the ReLU is applied
+    at the layer's resolution, before upsampling, as captum. No max-normalisation (PAIR divides
+    by the max). The paper explains the pre-softmax score: pass output="logit" for that.
+    The map is returned broadcast over the channel axis, so the result is shaped like ``x``
+    (N, *input_shape) — every channel carries the same values.
+    """
+    x, target = prepare(model, x, target, output)
+    h_ax, w_ax = spatial_axes(model)
+    _, act, grad = model.layer_gradient(x, target, output=output, layer=layer)
+    act, grad = np.asarray(act, dtype=np.float64), np.asarray(grad, dtype=np.float64)
+    if act.ndim != 4 or act.shape != grad.shape or act.shape[0] != x.shape[0]:
+        raise ValueError(
+            f"Grad-CAM needs a 4-D feature map and its gradient; got {act.shape} and {grad.shape}"
+        )
+    if model.layout == "NHWC":
+        act, grad = act.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
+    weights = grad.mean(axis=(2, 3), keepdims=True)
+    cam = (weights * act).sum(axis=1)  # (N, h, w)
+    if relu:
+        cam = np.maximum(cam, 0.0)
+    cam = upsample_bilinear(cam, (x.shape[h_ax], x.shape[w_ax]))
+    ch_ax = 1 if model.layout == "NCHW" else 3
+    return np.broadcast_to(np.expand_dims(cam, ch_ax), x.shape).astype(np.float32)

@@ -1,0 +1,283 @@
+"""Classifier: an ONNX classifier and its gradient models on onnxruntime.
+
+``load(path)`` reads the model as untrusted input, its onnxplain metadata (layout, range,
+labels), and prepares sessions lazily: the forward model for ``predict``, a compiled gradient
+model per backward rule for ``gradient``, and a tapped one for ``layer_gradient`` (Grad-CAM).
+Every call is validated before the runtime sees it and split into chunks within a memory budget.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from . import metadata
+from .compile import CompiledInfo, head
+from .modelfile import ModelFile, read_model, read_model_bytes
+from .protocol import OUTPUTS, RULES
+from .providers import default_providers, session_options
+
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of activations per runtime call
+
+
+class InputError(ValueError):
+    """Bad input to a Classifier call: the message names the shape, dtype, value or class."""
+
+
+class Classifier:
+    """An ONNX classifier with exact input gradients. Build it with ``engine.load``."""
+
+    def __init__(self, mf: ModelFile, *, providers=None, gradient_model=None, batch_size=None,
+                 threads: int | None = None):
+        self._mf = mf
+        self.info = metadata.read(mf.model)
+        self._providers_requested = list(providers) if providers else default_providers()
+        self._threads = threads
+        self._sessions: dict = {}
+        self._compiled: dict = {}
+        if gradient_model is not None:
+            self._add_gradient_model(gradient_model)
+        self.batch_size = batch_size or self._default_batch_size()
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def path(self) -> Path | None:
+        return self._mf.path
+
+    @property
+    def sha256(self) -> str:
+        return self._mf.sha256
+
+    @property
+    def layout(self) -> str | None:
+        return self.info.layout
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(int(d) if isinstance(d, int) else -1 for d in self._mf.input_dims[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return self._mf.num_classes
+
+    @property
+    def input_range(self) -> tuple[float, float]:
+        return tuple(self.info.input_range) if self.info.input_range else (0.0, 1.0)
+
+    @property
+    def labels(self) -> list[str] | None:
+        return self.info.labels
+
+    @property
+    def providers(self) -> list[str]:
+        """Providers actually in use (after onnxruntime's own fallback)."""
+        sess = self._session("forward")
+        return list(sess.get_providers())
+
+    # ------------------------------------------------------------------ calls
+    def predict(self, x) -> np.ndarray:
+        """Logits (N, K), float32."""
+        x = self._check_x(x)
+        sess = self._session("forward")
+        out = np.empty((len(x), self.num_classes), np.float32)
+        for s in self._chunks(len(x)):
+            out[s] = sess.run([self._mf.output_name], {self._mf.input_name: x[s]})[0]
+        return out
+
+    def gradient(self, x, target, output: str = "logit", rule: str = "gradient"):
+        """(scores (N,), d score / d x shaped like x) for the target class of each row."""
+        x = self._check_x(x)
+        targets = self._check_target(target, len(x))
+        mix = self._check_output(output)
+        if rule not in RULES:
+            raise InputError(f"unknown rule {rule!r}; use one of {RULES}")
+        sess, info = self._gradient_session(rule, None)
+        scores = np.empty(len(x), np.float32)
+        grads = np.empty_like(x)
+        for s in self._chunks(len(x)):
+            sc, gr = sess.run([info.scores, info.input_gradient], self._feeds(x[s], targets[s], mix))
+            scores[s], grads[s] = sc, gr
+        return scores, grads
+
+    def layer_gradient(self, x, target, output: str = "logit", layer: str | None = None):
+        """(scores (N,), activation of ``layer``, d score / d activation). layer=None: the last
+        convolutional feature map (channels-first, as ONNX Conv produces it)."""
+        x = self._check_x(x)
+        targets = self._check_target(target, len(x))
+        mix = self._check_output(output)
+        sess, info = self._gradient_session("gradient", layer or "auto")
+        tap_shape = None
+        results = []
+        for s in self._chunks(len(x)):
+            feeds = self._feeds(x[s], targets[s], mix)
+            if tap_shape is None:
+                tap_shape = self._tap_shape(sess, x[s])
+            feeds[head.TAP_DELTA] = np.zeros((len(x[s]), *tap_shape), np.float32)
+            results.append(sess.run([info.scores, info.tap, info.tap_gradient], feeds))
+        return tuple(np.concatenate(parts) for parts in zip(*results))
+
+    # ------------------------------------------------------------------ internals
+    def _feeds(self, x, targets, mix):
+        weights = np.zeros((len(x), self.num_classes), np.float32)
+        weights[np.arange(len(x)), targets] = 1.0
+        return {self._mf.input_name: x, head.CLASS_WEIGHTS: weights, head.OUTPUT_MIX: mix}
+
+    @staticmethod
+    def _tap_shape(sess, x):
+        dims = next(i for i in sess.get_inputs() if i.name == head.TAP_DELTA).shape[1:]
+        if not all(isinstance(d, int) for d in dims):
+            raise InputError(f"the Grad-CAM layer has dynamic dims {dims}; export with a static input size")
+        return dims
+
+    def _session(self, key, model_bytes=None):
+        if key not in self._sessions:
+            src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
+            self._sessions[key] = ort.InferenceSession(
+                src, session_options(self._threads), providers=self._providers_requested)
+        return self._sessions[key]
+
+    def _add_gradient_model(self, source) -> None:
+        if isinstance(source, onnx.ModelProto):
+            model, where = source, "gradient model"
+        else:
+            where = "gradient model bytes" if isinstance(source, bytes) else str(source)
+            raw = source if isinstance(source, bytes) else read_model_bytes(Path(source))
+            model = onnx.ModelProto()
+            try:
+                model.ParseFromString(raw)
+            except Exception as e:
+                raise InputError(f"{where}: not an ONNX gradient model ({e})") from e
+        info = CompiledInfo.from_model(model)
+        if info is None:
+            raise InputError(f"{where}: not an onnxplain gradient model (no onnxplain.gradient "
+                             "metadata); make one with `onnxplain compile MODEL -o GRAD.onnx`")
+        if info.source_sha256 != self._mf.sha256:
+            raise InputError(f"{where}: gradient model was compiled from a different model "
+                             f"(sha256 {info.source_sha256[:12]}, this model {self._mf.sha256[:12]})")
+        entry = (model.SerializeToString(), info)
+        if info.tap:  # a standalone model has one tap: it serves layer=None and its own name
+            self._compiled[(info.rule, "auto")] = entry
+            self._compiled[(info.rule, info.layer)] = entry
+        else:
+            self._compiled[(info.rule, None)] = entry
+
+    def _gradient_session(self, rule, layer):
+        key = (rule, layer)
+        if key not in self._compiled:
+            if self._compiled and not _builder_available():
+                have = sorted(k[0] + (f" with layer {k[1]}" if k[1] else "") for k in self._compiled)
+                raise InputError(f"no gradient model for rule {rule!r}{' layer ' + layer if layer else ''}: "
+                                 f"this Classifier was given {have} and no builder is installed; compile "
+                                 f"it with `onnxplain compile MODEL --rule {rule}`")
+            from .compile.cache import cached_gradient_model
+
+            path = cached_gradient_model(self._mf, rule=rule, layer=layer)
+            data = path.read_bytes()
+            info = CompiledInfo.from_model(onnx.load_from_string(data))
+            self._compiled[key] = (data, info)
+        data, info = self._compiled[key]
+        return self._session(("gradient",) + key, data), info
+
+    def _default_batch_size(self) -> int:
+        budget = int(os.environ.get("ONNXPLAIN_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+        per_example = _activation_bytes_per_example(self._mf.model)
+        return int(max(1, min(1024, budget // max(per_example, 1))))
+
+    def _chunks(self, n):
+        step = self.batch_size or n
+        return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+
+    def _check_x(self, x) -> np.ndarray:
+        x = np.asarray(x)
+        if x.dtype.kind != "f":
+            raise InputError(f"input must be floating point, got dtype {x.dtype}")
+        expected = self.input_shape
+        if x.ndim != len(expected) + 1:
+            raise InputError(f"input must be a batch of shape (N, {', '.join(map(str, expected))}), "
+                             f"got shape {x.shape}")
+        got = x.shape[1:]
+        if any(e not in (-1, g) for e, g in zip(expected, got)):
+            hint = ""
+            if len(got) == 3 and self.layout == "NCHW" and got[-1] == expected[0]:
+                hint = "; it looks like NHWC but this model's layout is NCHW: use x.transpose(0, 3, 1, 2)"
+            elif len(got) == 3 and self.layout == "NHWC" and got[0] == expected[-1]:
+                hint = "; it looks like NCHW but this model's layout is NHWC: use x.transpose(0, 2, 3, 1)"
+            raise InputError(f"input shape {x.shape} does not match the model's (N, {expected}){hint}")
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise InputError(f"input holds {int(bad.sum())} NaN/Inf values (first at index {first})")
+        return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _check_target(self, target, n) -> np.ndarray:
+        t = np.asarray(target)
+        if t.ndim == 0:
+            t = np.full(n, t)
+        if t.shape != (n,):
+            raise InputError(f"target must be an int or one class per row ({n}), got shape {t.shape}")
+        if t.dtype.kind not in "iu":
+            if t.dtype.kind == "f" and np.all(t == np.round(t)):
+                t = t.astype(np.int64)
+            else:
+                raise InputError(f"target must hold class indices (integers), got dtype {t.dtype}")
+        out_of_range = (t < 0) | (t >= self.num_classes)
+        if out_of_range.any():
+            raise InputError(f"class index {int(t[out_of_range][0])} out of range: the model has "
+                             f"{self.num_classes} classes (0..{self.num_classes - 1})")
+        return t.astype(np.int64)
+
+    @staticmethod
+    def _check_output(output) -> np.ndarray:
+        if output not in OUTPUTS:
+            raise InputError(f"unknown output {output!r}; use one of {OUTPUTS}")
+        mix = np.zeros(3, np.float32)
+        mix[head.OUTPUT_INDEX[output]] = 1.0
+        return mix
+
+    def __repr__(self) -> str:
+        name = self.path.name if self.path else "<bytes>"
+        return (f"Classifier({name}, input {self.input_shape} {self.layout or ''}, "
+                f"{self.num_classes} classes, batch_size={self.batch_size})")
+
+
+def _builder_available() -> bool:
+    from .compile.builder import BuilderError, builder_python
+
+    try:
+        builder_python()
+        return True
+    except BuilderError:
+        return False
+
+
+def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
+    """Rough bytes of all intermediate tensors for one example (batch dim dropped), times two for
+    the backward pass; unknown shapes count as the input size."""
+    from .compile.graph import infer_shapes
+
+    shapes = infer_shapes(model)
+    inits = {i.name for i in model.graph.initializer}
+    total = 0
+    for name, dims in shapes.items():
+        if name in inits or not dims:
+            continue
+        size = 1
+        for d in dims[1:]:
+            size *= d if isinstance(d, int) and d > 0 else 1
+        total += size
+    return max(total, 1) * 4 * 2
+
+
+def load(model, *, providers=None, gradient_model=None, batch_size: int | None = None,
+         threads: int | None = None) -> Classifier:
+    """Load an ONNX classifier. ``gradient_model``: a gradient model written by
+    ``onnxplain compile`` (no builder needed then). ``batch_size``: rows per runtime call
+    (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes)."""
+    if isinstance(model, Classifier):
+        return model
+    return Classifier(read_model(model), providers=providers, gradient_model=gradient_model,
+                      batch_size=batch_size, threads=threads)
