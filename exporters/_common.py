@@ -77,21 +77,16 @@ def check_arguments(
 ) -> None:
     """Refuse inconsistent export arguments before any framework work is done."""
     if not input_shape or any(int(d) <= 0 for d in input_shape):
-        raise ValueError(
-            f"input_shape must be positive sizes without the batch axis, got {input_shape}"
-        )
+        raise ValueError(f"input_shape must be positive sizes without the batch axis, got {input_shape}")
     lo, hi = input_range
     if not (np.isfinite(lo) and np.isfinite(hi) and lo < hi):
-        raise ValueError(
-            f"input_range must be finite (low, high) with low < high, got {input_range}"
-        )
+        raise ValueError(f"input_range must be finite (low, high) with low < high, got {input_range}")
     if (mean is None) != (std is None):
         raise ValueError("give both mean and std, or neither")
     if mean is not None:
         if len(mean) != channels or len(std) != channels:
             raise ValueError(
-                f"mean and std need one value per channel ({channels}), "
-                f"got {len(mean)} and {len(std)}"
+                f"mean and std need one value per channel ({channels}), got {len(mean)} and {len(std)}"
             )
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {list(std)}")
@@ -167,9 +162,7 @@ def parity(
             f"onnxruntime returned logits of shape {got.shape}, {framework} {expected.shape}"
         )
     if not np.all(np.isfinite(expected)):
-        raise ExportParityError(
-            f"the {framework} model returned non-finite logits on random inputs"
-        )
+        raise ExportParityError(f"the {framework} model returned non-finite logits on random inputs")
     tolerance = float(atol) if atol is not None else default_tolerance(expected, rtol)
     diff = float(np.max(np.abs(got - expected))) if np.all(np.isfinite(got)) else float("inf")
     if not diff <= tolerance:
@@ -205,9 +198,7 @@ def finish(
     names_in = [v.name for v in model.graph.input if v.name not in _initializer_names(model)]
     names_out = [v.name for v in model.graph.output]
     if names_in != [INPUT_NAME] or names_out != [OUTPUT_NAME]:
-        raise ValueError(
-            f"expected graph input ['input'] and output ['logits'], got {names_in}, {names_out}"
-        )
+        raise ValueError(f"expected graph input ['input'] and output ['logits'], got {names_in}, {names_out}")
     model.ir_version = min(model.ir_version, MAX_IR_VERSION)
     onnx.checker.check_model(model)
 

@@ -81,8 +81,10 @@ def export(
             return model(x, training=False)
 
     else:
-        mean_t = tf.constant(np.asarray(mean, np.float32))
-        std_t = tf.constant(np.asarray(std, np.float32))
+        # numpy, not tf.constant: an eager tensor would be captured by the tf.function and
+        # become an extra graph input in tf2onnx; a numpy array becomes a Const node.
+        mean_t = np.asarray(mean, np.float32)
+        std_t = np.asarray(std, np.float32)
 
         @tf.function(input_signature=[spec])
         def logits(x):
@@ -128,9 +130,7 @@ def _input_shape(model: Any, given: Sequence[int] | None) -> tuple[int, ...]:
             raise ValueError(f"input_shape {given} differs from the model's input shape {declared}")
         return given
     if declared is None:
-        raise ValueError(
-            "the model declares no fixed input shape (e.g. subclassed); pass input_shape"
-        )
+        raise ValueError("the model declares no fixed input shape (e.g. subclassed); pass input_shape")
     return declared
 
 

@@ -99,9 +99,7 @@ def build_keras_twin(torch_module: nn.Module, style: KerasStyle = "functional") 
     return model
 
 
-def build_twins(
-    seed: int = 0, keras_style: KerasStyle = "functional"
-) -> tuple[nn.Module, keras.Model]:
+def build_twins(seed: int = 0, keras_style: KerasStyle = "functional") -> tuple[nn.Module, keras.Model]:
     """``(torch_module, keras_model)`` with identical weights; inputs (N, 3, 32, 32) and
     (N, 32, 32, 3), both -> 10 logits."""
     torch_module = build_torch_twin(seed)
@@ -122,14 +120,10 @@ def _copy_weights(torch_module: nn.Module, stack: list[keras.layers.Layer]) -> N
             # OIHW -> HWIO
             k.set_weights([numpy(t.weight).transpose(2, 3, 1, 0), numpy(t.bias)])
         elif isinstance(t, nn.BatchNorm2d):
-            k.set_weights(
-                [numpy(t.weight), numpy(t.bias), numpy(t.running_mean), numpy(t.running_var)]
-            )
+            k.set_weights([numpy(t.weight), numpy(t.bias), numpy(t.running_mean), numpy(t.running_var)])
         else:
             # torch's features are flattened in (C, H, W) order, Keras's in (H, W, C):
             # reorder the input axis of the kernel, then transpose (out, in) -> (in, out).
             c, h, w = _FEATURES
-            weight = (
-                numpy(t.weight).reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(-1, c * h * w)
-            )
+            weight = numpy(t.weight).reshape(-1, c, h, w).transpose(0, 2, 3, 1).reshape(-1, c * h * w)
             k.set_weights([weight.T, numpy(t.bias)])

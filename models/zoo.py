@@ -132,13 +132,9 @@ class BasicBlock(nn.Module):
 
     def __init__(self, c_in: int, c_out: int, stride: int = 1):
         super().__init__()
-        self.body = nn.Sequential(
-            *conv_bn(c_in, c_out, 3, stride), nn.ReLU(), *conv_bn(c_out, c_out, 3)
-        )
+        self.body = nn.Sequential(*conv_bn(c_in, c_out, 3, stride), nn.ReLU(), *conv_bn(c_out, c_out, 3))
         self.shortcut = (
-            nn.Sequential(*conv_bn(c_in, c_out, 1, stride))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
+            nn.Sequential(*conv_bn(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -158,9 +154,7 @@ class Bottleneck(nn.Module):
             *conv_bn(width, c_out, 1),
         )
         self.shortcut = (
-            nn.Sequential(*conv_bn(c_in, c_out, 1, stride))
-            if stride != 1 or c_in != c_out
-            else nn.Identity()
+            nn.Sequential(*conv_bn(c_in, c_out, 1, stride)) if stride != 1 or c_in != c_out else nn.Identity()
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -338,9 +332,7 @@ class TransformerBlock(nn.Module):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
         self.attention = Attention(dim, heads)
-        self.mlp = nn.Sequential(
-            nn.Linear(dim, 2 * dim), nn.GELU(approximate=gelu), nn.Linear(2 * dim, dim)
-        )
+        self.mlp = nn.Sequential(nn.Linear(dim, 2 * dim), nn.GELU(approximate=gelu), nn.Linear(2 * dim, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.attention(self.norm1(x))

@@ -318,6 +318,31 @@ def conv_grad(node, ctx):
     return _transpose_to_input(ctx, dy, x, w, kernel_eff, strides, dilations, group, begin, out)
 
 
+@lowering("ConvTransposeGrad")
+def conv_transpose_grad(node, ctx):
+    """ConvTranspose is the adjoint of Conv: dX = Conv(dY, W) with the same strides, dilations,
+    group and begin pads; the end pad shrinks by output_padding (those rows saw no input)."""
+    dy, _x, w = node.input[:3]
+    if any(o for o in node.output[1:]):
+        raise LoweringError(f"node {node.name!r}: weight gradients requested; input gradients only")
+    a = attrs(node)
+    auto_pad = a.get("auto_pad", b"NOTSET")
+    if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "") or (
+        a.get("output_shape")
+    ):
+        raise LoweringError(f"node {node.name!r}: ConvTranspose with auto_pad or output_shape is not "
+                            "supported; export it with explicit pads")
+    w_value = ctx.const_value(w)
+    kernel = list(a.get("kernel_shape") or (w_value.shape[2:] if w_value is not None else []))
+    n = len(kernel)
+    pads = list(a.get("pads", [0] * 2 * n))
+    out_pad = list(a.get("output_padding", [0] * n))
+    end = [max(pe - op, 0) for pe, op in zip(pads[n:], out_pad)]
+    return [make("Conv", [dy, w], [node.output[0]], pads=pads[:n] + end,
+                 strides=list(a.get("strides", [1] * n)), dilations=list(a.get("dilations", [1] * n)),
+                 group=int(a.get("group", 1)), kernel_shape=kernel)]
+
+
 def _forward_input_of(ctx, node, op_type: str, match) -> str:
     for fwd in ctx.graph.node:
         if fwd.op_type == op_type and match(fwd):

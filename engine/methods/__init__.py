@@ -40,9 +40,7 @@ METHODS: dict[str, Callable[..., Any]] = {
 def method_parameters(method: str) -> dict[str, Any]:
     """The tunable parameters of a method and their defaults (everything after ``target``)."""
     sig = inspect.signature(METHODS[method])
-    return {
-        name: p.default for name, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY
-    }
+    return {name: p.default for name, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
 def explain(

@@ -47,6 +47,7 @@ def blur_ig(
         return idgi_integrate(grads[::-1], scores[::-1]).astype(np.float32)
     acc = np.zeros(x.shape, dtype=np.float64)
     for i in range(steps):
-        dx = (gaussian_blur(x, sigmas[i] + grad_step, axes) - points[i]) / grad_step
+        moved = gaussian_blur(x, sigmas[i] + grad_step, axes)
+        dx = np.subtract(moved, points[i], dtype=np.float64) / grad_step
         acc += (sigmas[i + 1] - sigmas[i]) * dx * grads[i]
     return (-acc).astype(np.float32)

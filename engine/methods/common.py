@@ -38,8 +38,7 @@ def check_input(model: ClassifierLike, x: Any) -> np.ndarray:
     )
     if not ok:
         raise ValueError(
-            f"x must be a batch of model inputs, shape (N, {', '.join(map(str, shape))}); "
-            f"got {x.shape}"
+            f"x must be a batch of model inputs, shape (N, {', '.join(map(str, shape))}); got {x.shape}"
         )
     if x.shape[0] == 0:
         raise ValueError("x is an empty batch")
@@ -73,9 +72,7 @@ def resolve_target(
     return t
 
 
-def prepare(
-    model: ClassifierLike, x: Any, target: Target, output: str
-) -> tuple[np.ndarray, np.ndarray]:
+def prepare(model: ClassifierLike, x: Any, target: Target, output: str) -> tuple[np.ndarray, np.ndarray]:
     """Validate ``x`` and ``output``; resolve ``target``. Returns (x float32, target int64 (N,))."""
     check_output(output)
     x = check_input(model, x)
@@ -102,15 +99,14 @@ def path_gradients(
 ) -> tuple[np.ndarray, np.ndarray]:
     """One ``gradient`` call for a stack of points (P, N, *s) explaining ``target`` (N,).
 
-    Returns (scores (P, N), gradients (P, N, *s)), both float64.
+    Returns (scores (P, N) float64, gradients (P, N, *s) as the model gives them, float32 for a
+    Classifier); callers accumulate in float64 point by point, so no float64 copy of the whole
+    stack is made.
     """
     p, n = points.shape[:2]
     rows = points.reshape(p * n, *points.shape[2:]).astype(np.float32, copy=False)
     scores, grads = model.gradient(rows, np.tile(target, p), output=output, rule=rule)
-    return (
-        np.asarray(scores, dtype=np.float64).reshape(p, n),
-        np.asarray(grads, dtype=np.float64).reshape(points.shape),
-    )
+    return np.asarray(scores, dtype=np.float64).reshape(p, n), np.asarray(grads).reshape(points.shape)
 
 
 def spatial_axes(model: ClassifierLike, batched: bool = True) -> tuple[int, int]:
@@ -168,8 +164,7 @@ def make_baseline(
             rng = np.random.default_rng(seed)
             return rng.uniform(lo, hi, size=x.shape).astype(np.float32)
         raise ValueError(
-            f"baseline must be 'black', 'white', 'blur', 'uniform', a number or an array; "
-            f"got {baseline!r}"
+            f"baseline must be 'black', 'white', 'blur', 'uniform', a number or an array; got {baseline!r}"
         )
     b = np.asarray(baseline, dtype=np.float32)
     if b.ndim == 0 or b.shape == x.shape[1:]:

@@ -102,9 +102,7 @@ def guided_ig(
         for i in range(n):
             if l1_total[i] == 0:
                 continue  # the input is the baseline: zero attribution, as the reference
-            inc = _advance(
-                cur[i], x_in[i], x_base[i], g[i], step, steps, l1_total[i], fraction, max_dist
-            )
+            inc = _advance(cur[i], x_in[i], x_base[i], g[i], step, steps, l1_total[i], fraction, max_dist)
             if not idgi:
                 attr[i] += inc
         prev_g, prev_f = g, f

@@ -20,9 +20,7 @@ def idgi_step(gradient: np.ndarray, delta: np.ndarray) -> np.ndarray:
     g = np.asarray(gradient, dtype=np.float64)
     q = g * g
     norm = q.reshape(q.shape[0], -1).sum(axis=1)
-    scale = np.divide(
-        np.asarray(delta, dtype=np.float64), norm, out=np.zeros_like(norm), where=norm > 0
-    )
+    scale = np.divide(np.asarray(delta, dtype=np.float64), norm, out=np.zeros_like(norm), where=norm > 0)
     return q * scale.reshape((-1,) + (1,) * (q.ndim - 1))
 
 
@@ -38,9 +36,7 @@ def idgi(gradients: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     predictions = np.asarray(predictions, dtype=np.float64)
     n_seg = predictions.shape[0] - 1
     if n_seg not in (gradients.shape[0], gradients.shape[0] - 1):
-        raise ValueError(
-            f"{gradients.shape[0]} gradients do not match {predictions.shape[0]} predictions"
-        )
+        raise ValueError(f"{gradients.shape[0]} gradients do not match {predictions.shape[0]} predictions")
     out = np.zeros(gradients.shape[1:], dtype=np.float64)
     for i in range(n_seg):
         out += idgi_step(gradients[i], predictions[i + 1] - predictions[i])

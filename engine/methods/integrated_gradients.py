@@ -34,15 +34,21 @@ def integrate_straight_path(
     weights = np.concatenate([weights, np.zeros(len(extra))])
     order = np.argsort(alphas, kind="stable")
     alphas, weights = alphas[order], weights[order]
-    x64, b64 = x.astype(np.float64), baseline.astype(np.float64)
-    diff = x64 - b64
-    shape = (-1,) + (1,) * x.ndim
-    points = b64[None] + alphas.reshape(shape) * diff[None]  # (P, N, *s), alpha ascending
+    b64 = baseline.astype(np.float64)
+    diff = x.astype(np.float64) - b64
+    points = np.empty((len(alphas), *x.shape), dtype=np.float32)  # (P, N, *s), alpha ascending
+    for p, a in enumerate(alphas):
+        points[p] = b64 + a * diff
     scores, grads = path_gradients(model, points, target, output)
+    del points
     if idgi:
         attr = idgi_integrate(grads, scores)
     else:
-        attr = diff * np.tensordot(weights, grads, axes=1)
+        acc = np.zeros(x.shape, dtype=np.float64)
+        for w, g in zip(weights, grads, strict=True):
+            if w != 0:
+                acc += w * g
+        attr = diff * acc
     if not with_delta:
         return attr, None
     return attr, attr.reshape(len(x), -1).sum(axis=1) - (scores[-1] - scores[0])

@@ -1,0 +1,36 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both are quick when nothing changed.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+BUILDER_STAMP := $(VENV)/.builder
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[torch,tf,dev]"
+	touch $@
+
+# The builder venv (onnxruntime-training-cpu 1.19.2) lives apart from the main one.
+$(BUILDER_STAMP): $(STAMP) engine/compile/builder.py
+	$(BIN)/onnxplain builder install
+	touch $@
+
+setup: $(STAMP) $(BUILDER_STAMP)
+
+demo: setup
+	$(BIN)/python -m models.demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+test: setup lint
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python -m bench.gradient
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
