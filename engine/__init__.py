@@ -7,10 +7,6 @@ __version__ = "0.1.0"
 
 from .model import Classifier, load  # noqa: E402
 
-__all__ = ["Classifier", "load", "__version__"]
-try:  # the methods package is optional while it is being written
-    from .methods import METHODS, explain  # noqa: E402,F401
+from .methods import METHODS, explain  # noqa: E402
 
-    __all__ += ["METHODS", "explain"]
-except ImportError:  # pragma: no cover
-    pass
+__all__ = ["Classifier", "load", "explain", "METHODS", "__version__"]

@@ -105,7 +105,8 @@ class Classifier:
 
     def layer_gradient(self, x, target, output: str = "logit", layer: str | None = None):
         """(scores (N,), activation of ``layer``, d score / d activation). layer=None: the last
-        convolutional feature map (channels-first, as ONNX Conv produces it)."""
+        convolutional feature map, in the model's layout; a named tensor comes as the graph
+        holds it."""
         x = self._check_x(x)
         targets = self._check_target(target, len(x))
         mix = self._check_output(output)
@@ -118,7 +119,12 @@ class Classifier:
                 tap_shape = self._tap_shape(sess, x[s])
             feeds[head.TAP_DELTA] = np.zeros((len(x[s]), *tap_shape), np.float32)
             results.append(sess.run([info.scores, info.tap, info.tap_gradient], feeds))
-        return tuple(np.concatenate(parts) for parts in zip(*results))
+        scores, act, grad = (np.concatenate(parts) for parts in zip(*results))
+        if layer is None and self.layout == "NHWC" and act.ndim == 4:
+            # the automatic tap is an ONNX Conv output (channels-first): hand it over in the
+            # model's own layout, like everything else a method sees
+            act, grad = act.transpose(0, 2, 3, 1), grad.transpose(0, 2, 3, 1)
+        return scores, act, grad
 
     # ------------------------------------------------------------------ internals
     def _feeds(self, x, targets, mix):
@@ -202,9 +208,9 @@ class Classifier:
         got = x.shape[1:]
         if any(e not in (-1, g) for e, g in zip(expected, got)):
             hint = ""
-            if len(got) == 3 and self.layout == "NCHW" and got[-1] == expected[0]:
-                hint = "; it looks like NHWC but this model's layout is NCHW: use x.transpose(0, 3, 1, 2)"
-            elif len(got) == 3 and self.layout == "NHWC" and got[0] == expected[-1]:
+            if len(got) == 3 and self.layout != "NHWC" and got == (*expected[1:], expected[0]):
+                hint = "; it looks like NHWC but this model takes NCHW: use x.transpose(0, 3, 1, 2)"
+            elif len(got) == 3 and self.layout == "NHWC" and got == (expected[2], *expected[:2]):
                 hint = "; it looks like NCHW but this model's layout is NHWC: use x.transpose(0, 2, 3, 1)"
             raise InputError(f"input shape {x.shape} does not match the model's (N, {expected}){hint}")
         bad = ~np.isfinite(x)

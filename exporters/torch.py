@@ -76,13 +76,16 @@ def export(
 
     wrapped = module if mean is None else normalized(module, mean, std, ndim=len(input_shape))
     was_training = module.training
+    # Trace and compare on the module's own device (a CUDA module stays on CUDA).
+    device = next(iter(wrapped.parameters()), torch.empty(0)).device
+    wrapped.to(device)  # the normalisation buffers follow the module
     wrapped.eval()
     try:
-        proto = _trace(wrapped, input_shape, input_range, opset, keep_batchnorm, seed)
+        proto = _trace(wrapped, input_shape, input_range, opset, keep_batchnorm, seed, device)
 
         def reference(x: np.ndarray) -> np.ndarray:
             with torch.no_grad():
-                return wrapped(torch.from_numpy(x)).detach().cpu().numpy()
+                return wrapped(torch.from_numpy(x).to(device)).detach().cpu().numpy()
 
         info = metadata.ModelInfo(
             layout="NCHW" if len(input_shape) == 3 else None,
@@ -113,11 +116,12 @@ def _trace(
     opset: int,
     keep_batchnorm: bool,
     seed: int,
+    device: torch.device,
 ) -> onnx.ModelProto:
     import torch
 
     # Batch 2 for tracing: a batch of 1 lets size-1 broadcasts slip into the graph as constants.
-    example = torch.from_numpy(_common.random_inputs(2, input_shape, input_range, seed))
+    example = torch.from_numpy(_common.random_inputs(2, input_shape, input_range, seed)).to(device)
     # Conv+BatchNorm folding lives in the exporter's eval peephole pass, which runs only for
     # TrainingMode.EVAL. PRESERVE on a module already in eval mode skips that pass, keeps
     # constant folding for everything else, and exports BatchNormalization with

@@ -6,6 +6,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,3 +37,15 @@ def zoo_onnx(zoo_dir: Path) -> Callable[[str], Path]:
         return exported[name]
 
     return get
+
+
+# Compiled gradient models go to a per-run cache, so tests never see a stale user cache.
+os.environ.setdefault("ONNXPLAIN_CACHE_DIR", tempfile.mkdtemp(prefix="onnxplain-test-cache-"))
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    """An empty cache folder for tests that check what is (not) written."""
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("ONNXPLAIN_CACHE_DIR", str(folder))
+    return folder

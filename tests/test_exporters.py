@@ -178,7 +178,7 @@ def test_refusal_states_the_measured_difference_and_keeps_the_old_file(tmp_path,
 
 def test_wrong_number_of_labels_is_refused(tmp_path):
     with pytest.raises(ValueError, match="3 labels given for a model with 10 classes"):
-        torch_exporter.export(zoo.mlp(), tmp_path / "m.onnx", input_shape=(16,), labels="abc")
+        torch_exporter.export(zoo.mlp(), tmp_path / "m.onnx", input_shape=(16,), labels=["a", "b", "c"])
     assert os.listdir(tmp_path) == []
 
 

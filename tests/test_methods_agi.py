@@ -141,6 +141,14 @@ def test_agi_straight_path_is_ig_from_the_adversarial_point():
             assert rel_err(per[i, j], (x[i] - xa) * m.W[t[i]]) < 1e-5
 
 
+def test_agi_with_no_adversarial_class_left_is_zero():
+    m = LinearSoftmax((3,), 4, seed=5)
+    x = np.random.default_rng(4).uniform(0.2, 0.8, (2, 3)).astype(np.float32)
+    for path in ("steepest", "straight"):
+        out = explain(m, x, "agi", target=1, classes=[1], path=path)
+        np.testing.assert_array_equal(out, 0)
+
+
 def test_select_classes():
     explained = np.array([0, 66, 500])
     logits = np.random.default_rng(0).normal(size=(3, 1000))

@@ -126,6 +126,22 @@ def test_grad_cam_hand_computed(layout, relu):
         np.testing.assert_array_equal(got, cam[:, c] if layout == "NCHW" else cam[..., c])
 
 
+def test_grad_cam_channels_first_tap_of_an_nhwc_model():
+    m = ConvNet("NHWC")
+    x = images(m, 2)
+    expected = explain(m, x, "grad_cam", target=1)
+
+    class ChannelsFirstTap(ConvNet):
+        def layer_gradient(self, x, target, output="logit", layer=None):
+            s, a, g = super().layer_gradient(x, target, output, layer)
+            return s, a.transpose(0, 3, 1, 2), g.transpose(0, 3, 1, 2)
+
+    m2 = ChannelsFirstTap("NHWC")
+    np.testing.assert_array_equal(explain(m2, x, "grad_cam", target=1, layer_layout="NCHW"), expected)
+    with pytest.raises(ValueError, match="layer_layout"):
+        explain(m2, x, "grad_cam", target=1, layer_layout="CHW")
+
+
 def test_upsample_bilinear_matches_torch_align_corners_false():
     torch = pytest.importorskip("torch")
     z = np.random.default_rng(0).normal(size=(2, 3, 5))
@@ -162,6 +178,21 @@ def test_explain_validates_everything():
         explain(m, x, "saliency", target=[1, 2, 3])
     with pytest.raises(ValueError, match="image model"):
         explain(m, x, "blur_ig")
+
+
+def test_explain_loads_a_path_lazily(monkeypatch, tmp_path):
+    import sys
+    import types
+
+    m = LinearSoftmax((2, 3), 4)
+    seen = []
+    fake = types.ModuleType("engine.model")
+    fake.load = lambda path: seen.append(path) or m
+    monkeypatch.setitem(sys.modules, "engine.model", fake)
+    x = images(m, 2)
+    out = explain(tmp_path / "model.onnx", x, "saliency")
+    assert seen == [tmp_path / "model.onnx"]
+    np.testing.assert_array_equal(out, explain(m, x, "saliency"))
 
 
 def test_target_none_is_top1_and_int_broadcasts():

@@ -16,7 +16,10 @@ engine_model = pytest.importorskip("engine.model")
 
 from engine.methods import explain  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients")
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Input Tensor 0 did not already require gradients"),
+    pytest.mark.filterwarnings("ignore:Setting backward hooks on ReLU activations"),
+]
 
 nn = torch.nn
 SHAPE = (3, 8, 8)

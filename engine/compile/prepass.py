@@ -7,6 +7,8 @@ to float rounding; tests compare the rewritten forward graph with the original.
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -60,9 +62,38 @@ def upgrade_opset(model: onnx.ModelProto, where: str) -> onnx.ModelProto:
     return model
 
 
+def fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold shape arithmetic with onnxruntime's basic optimiser when padding is computed in the
+    graph (Shape -> ... -> Pad, as in EfficientNet-Lite's "same" padding): the builder then sees
+    constant pads (fused into Conv) and static spatial dims, so ConvGrad takes the fast path."""
+    pads_computed = any(
+        n.op_type == "Pad" and len(n.input) > 1 and not _is_constant(model, n.input[1])
+        for n in model.graph.node
+    )
+    if not pads_computed:
+        return model
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    so.log_severity_level = 3
+    with tempfile.TemporaryDirectory(prefix="onnxplain-fold-") as tmp:
+        so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
+        ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+        folded = onnx.load(so.optimized_model_filepath)
+    folded.ir_version = min(folded.ir_version, model.ir_version)
+    return folded
+
+
+def _is_constant(model, name) -> bool:
+    if any(i.name == name for i in model.graph.initializer):
+        return True
+    return any(n.op_type == "Constant" and name in n.output for n in model.graph.node)
+
+
 def prepass(model: onnx.ModelProto, input_name: str, where: str = "model") -> onnx.ModelProto:
     """Return a rewritten copy of ``model`` ready for the builder."""
-    model = upgrade_opset(model, where)
+    model = fold_constant_subgraphs(upgrade_opset(model, where))
     m = onnx.ModelProto()
     m.CopyFrom(model)
     for node in m.graph.node:

@@ -18,7 +18,7 @@ from .graph import attrs
 from .lower import LoweringError
 
 CHECK_BATCH = 2
-TOLERANCE = 1e-5  # max abs error relative to the largest |gradient|; measured ~1e-7 in practice
+TOLERANCE = 1e-6  # max abs error relative to the largest |gradient|; measured <= 2e-7 on the zoo
 
 
 def known_bad_kernels(model: onnx.ModelProto) -> list[str]:

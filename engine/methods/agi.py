@@ -153,7 +153,7 @@ def agi(
         rows, g, f_start = pending
         logits = np.asarray(model.predict(xp[rows].astype(np.float32)), dtype=np.float64)
         acc[rows] += idgi_step(g, f_start - output_scores(logits, lab[rows], output))
-    if not steepest:
+    if not steepest and len(img):
         x_adv = xp.astype(np.float32)
         acc, _ = integrate_straight_path(
             model, x0.astype(np.float32), x_adv, lab, output, int(max_steps), "right", idgi

@@ -30,7 +30,7 @@ def check_input(model: ClassifierLike, x: Any) -> np.ndarray:
     ``None`` or a negative entry in ``input_shape`` is a free (dynamic) dimension.
     """
     x = np.asarray(x)
-    if x.dtype.kind not in "fiu" or x.dtype == np.bool_:
+    if x.dtype.kind not in "fiu":
         raise TypeError(f"x must be a real numeric array, got dtype {x.dtype}")
     shape = tuple(model.input_shape)
     ok = x.ndim == len(shape) + 1 and all(

@@ -38,12 +38,14 @@ def grad_cam(
     output: str = "probability",
     layer: str | None = None,
     relu: bool = True,
+    layer_layout: str | None = None,
 ) -> np.ndarray:
     """Grad-CAM: ReLU(Σ_k w_k A_k) with w_k the spatial mean of ∂f_c/∂A_k, upsampled bilinearly
     (align_corners=False) to the input's spatial size.
 
     layer: a named tensor, or None for the last convolutional feature map (chosen by the model).
-    The activation A follows ``model.layout``: (N, C', h, w) for NCHW, (N, h, w, C') for NHWC.
+    The activation A is read as ``layer_layout`` (None: ``model.layout``): (N, C', h, w) for
+    "NCHW", (N, h, w, C') for "NHWC" — pass "NCHW" for a channels-first tensor of an NHWC model.
     relu=True as the paper (captum's ``relu_attributions`` defaults to False); the ReLU is applied
     at the layer's resolution, before upsampling, as captum. No max-normalisation (PAIR divides
     by the max). The paper explains the pre-softmax score: pass output="logit" for that.
@@ -58,7 +60,10 @@ def grad_cam(
         raise ValueError(
             f"Grad-CAM needs a 4-D feature map and its gradient; got {act.shape} and {grad.shape}"
         )
-    if model.layout == "NHWC":
+    layer_layout = layer_layout or model.layout
+    if layer_layout not in ("NCHW", "NHWC"):
+        raise ValueError(f"layer_layout must be 'NCHW' or 'NHWC', got {layer_layout!r}")
+    if layer_layout == "NHWC":
         act, grad = act.transpose(0, 3, 1, 2), grad.transpose(0, 3, 1, 2)
     weights = grad.mean(axis=(2, 3), keepdims=True)
     cam = (weights * act).sum(axis=1)  # (N, h, w)

@@ -1,0 +1,269 @@
+"""The compiler and runtime as a user meets them: backward rules, Grad-CAM taps, the cache,
+standalone gradient models, and every kind of bad input (clear error, no file left behind)."""
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import torch.nn as nn
+
+import engine
+from engine.compile import compile_to_file
+from engine.compile.builder import BuilderError
+from engine.compile.prepass import UnsupportedModelError
+from engine.model import InputError
+from engine.modelfile import ModelFileError
+from tests.gradcheck import export, relative_error, torch_gradient
+
+CPU = ["CPUExecutionProvider"]
+
+
+def small_cnn(relu=nn.ReLU):
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), relu(), nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), relu(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    ).eval()
+
+
+@pytest.fixture(scope="module")
+def cnn_path(tmp_path_factory):
+    return export(small_cnn(), (3, 8, 8), tmp_path_factory.mktemp("cnn"))
+
+
+def rule_reference(module, x, target, rule):
+    """Guided backprop / DeconvNet with torch backward hooks on every ReLU and ReLU6 module."""
+    def guided(mod, grad_in, grad_out):
+        return (torch.relu(grad_in[0]),)
+
+    def deconv(mod, grad_in, grad_out):
+        return (torch.relu(grad_out[0]),)
+
+    hooks = [m.register_full_backward_hook(guided if rule == "guided_backprop" else deconv)
+             for m in module.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+    try:
+        return torch_gradient(module, x, target)[1]
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@pytest.mark.parametrize("relu", [nn.ReLU, nn.ReLU6], ids=["relu", "relu6"])
+@pytest.mark.parametrize("rule", ["guided_backprop", "deconvnet"])
+def test_backward_rules_match_torch_hooks(rule, relu, tmp_path):
+    module = small_cnn(relu)
+    clf = engine.load(export(module, (3, 8, 8), tmp_path), providers=CPU)
+    x = np.random.default_rng(0).uniform(0, 6, (4, 3, 8, 8)).astype(np.float32)  # ReLU6 saturates
+    target = np.array([0, 1, 2, 4])
+    _, grads = clf.gradient(x, target, rule=rule)
+    ref = rule_reference(module, x, target, rule)
+    assert relative_error(grads, ref) <= 1e-5
+    _, plain = clf.gradient(x, target)
+    assert relative_error(plain, ref) > 1e-2  # the rule really changes the backward pass
+
+
+def test_relu6_plain_gradient_excludes_clip_bounds(tmp_path):
+    """torch's hardtanh backward treats the bounds as exclusive; the builder's own Clip gradient
+    does not: inputs exactly at 0 and 6 must get zero gradient, as in torch."""
+    module = nn.Sequential(nn.Flatten(), nn.ReLU6(), nn.Linear(4, 3)).eval()
+    clf = engine.load(export(module, (4,), tmp_path), providers=CPU)
+    x = np.array([[0.0, 6.0, 3.0, -1.0]], np.float32)
+    _, grads = clf.gradient(x, 1)
+    _, ref = torch_gradient(module, x, np.array([1]))
+    np.testing.assert_allclose(grads, ref, rtol=1e-6, atol=1e-7)
+    assert grads[0, 0] == 0 and grads[0, 1] == 0
+
+
+def test_layer_gradient_matches_torch(cnn_path):
+    module = small_cnn()
+    clf = engine.load(cnn_path, providers=CPU)
+    x = np.random.default_rng(1).uniform(0, 1, (3, 3, 8, 8)).astype(np.float32)
+    target = np.array([1, 3, 0])
+    for output in ("logit", "probability"):
+        scores, act, grad = clf.layer_gradient(x, target, output=output)
+        store = {}
+        layer = module[5]  # the ReLU after the last Conv + BatchNorm: the last feature map
+
+        def keep(mod, inputs, out):
+            out.retain_grad()
+            store["a"] = out
+
+        h = layer.register_forward_hook(keep)
+        xt = torch.tensor(x)
+        z = module(xt)
+        f = z if output == "logit" else z.softmax(-1)
+        f[torch.arange(3), torch.tensor(target)].sum().backward()
+        h.remove()
+        assert act.shape == (3, 8, 4, 4)
+        assert relative_error(act, store["a"].detach().numpy()) <= 1e-5
+        assert relative_error(grad, store["a"].grad.numpy()) <= 1e-5
+
+
+def test_standalone_gradient_model_needs_no_builder(cnn_path, tmp_path, monkeypatch):
+    out = tmp_path / "grad.onnx"
+    info = compile_to_file(cnn_path, out)
+    assert info.self_check["status"] == "passed"
+    model = onnx.load(out)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    assert {i.domain for i in model.opset_import} <= {"", "ai.onnx"}
+    x = np.random.default_rng(2).uniform(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    expected = engine.load(cnn_path, providers=CPU).gradient(x, [1, 2])[1]
+    monkeypatch.setenv("ONNXPLAIN_BUILDER_PYTHON", str(tmp_path / "no-such-python"))
+    clf = engine.load(cnn_path, providers=CPU, gradient_model=out)
+    np.testing.assert_array_equal(clf.gradient(x, [1, 2])[1], expected)
+    with pytest.raises(InputError, match="guided_backprop"):
+        clf.gradient(x, [1, 2], rule="guided_backprop")
+
+
+def test_gradient_model_from_another_model_is_refused(cnn_path, tmp_path):
+    out = tmp_path / "grad.onnx"
+    compile_to_file(cnn_path, out)
+    other = export(small_cnn(nn.ReLU6), (3, 8, 8), tmp_path)
+    with pytest.raises(InputError, match="different model"):
+        engine.load(other, gradient_model=out)
+
+
+def test_cache_builds_once(cnn_path, fresh_cache, monkeypatch):
+    from engine.compile import builder
+
+    calls = []
+    real = builder.call
+    monkeypatch.setattr(builder, "call", lambda req, **kw: calls.append(req["op"]) or real(req, **kw))
+    x = np.zeros((1, 3, 8, 8), np.float32)
+    engine.load(cnn_path, providers=CPU).gradient(x, 0)
+    first = len(calls)
+    engine.load(cnn_path, providers=CPU).gradient(x, 0)
+    assert first >= 1 and len(calls) == first
+    assert len(list((fresh_cache / "gradients").glob("*.onnx"))) == 1
+    assert not list((fresh_cache / "gradients").glob("*.tmp"))
+
+
+def test_chunked_batches_match_one_batch(cnn_path):
+    x = np.random.default_rng(3).uniform(0, 1, (7, 3, 8, 8)).astype(np.float32)
+    target = np.arange(7) % 5
+    whole = engine.load(cnn_path, providers=CPU, batch_size=100)
+    chunked = engine.load(cnn_path, providers=CPU, batch_size=3)
+    np.testing.assert_allclose(chunked.gradient(x, target)[1], whole.gradient(x, target)[1],
+                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(chunked.predict(x), whole.predict(x), rtol=1e-6, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+def assert_nothing_written(cache, *paths):
+    assert not list(cache.rglob("*.onnx")) and not list(cache.rglob("*.tmp"))
+    for p in paths:
+        assert not p.exists()
+        assert not list(p.parent.glob(f".{p.name}*"))
+
+
+def test_corrupt_and_truncated_files(cnn_path, tmp_path, fresh_cache):
+    garbage = tmp_path / "garbage.onnx"
+    garbage.write_bytes(b"\x08\x07not a protobuf at all" * 10)
+    with pytest.raises(ModelFileError, match="garbage.onnx"):
+        engine.load(garbage)
+    truncated = tmp_path / "truncated.onnx"
+    truncated.write_bytes(cnn_path.read_bytes()[: len(cnn_path.read_bytes()) // 2])
+    with pytest.raises(ModelFileError, match="truncated.onnx"):
+        engine.load(truncated)
+    with pytest.raises(ModelFileError, match="no such model file"):
+        engine.load(tmp_path / "missing.onnx")
+    out = tmp_path / "grad.onnx"
+    with pytest.raises(ModelFileError):
+        compile_to_file(truncated, out)
+    assert_nothing_written(fresh_cache, out)
+
+
+def _two_input_model(tmp_path):
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph(
+        [helper.make_node("Add", ["a", "b"], ["logits"])], "two",
+        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 9
+    path = tmp_path / "two_inputs.onnx"
+    onnx.save(m, path)
+    return path
+
+
+def test_two_inputs_and_non_classifier_output(tmp_path):
+    with pytest.raises(ModelFileError, match=r"exactly one input, found 2: \['a', 'b'\]"):
+        engine.load(_two_input_model(tmp_path))
+    body = nn.Conv2d(3, 4, 3).eval()
+    path = export(body, (3, 8, 8), tmp_path)
+    with pytest.raises(ModelFileError, match="classifier output must be"):
+        engine.load(path)
+
+
+def test_external_data_outside_the_folder_is_refused(cnn_path, tmp_path):
+    model = onnx.load(cnn_path)
+    folder = tmp_path / "inner"
+    folder.mkdir()
+    onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
+              location="weights.bin", size_threshold=0)
+    assert engine.load(folder / "m.onnx").num_classes == 5  # inside the folder: fine
+    evil = onnx.load(folder / "m.onnx", load_external_data=False)
+    (tmp_path / "secret.bin").write_bytes((folder / "weights.bin").read_bytes())
+    for t in evil.graph.initializer:
+        for e in t.external_data:
+            if e.key == "location":
+                e.value = "../secret.bin"
+    onnx.save(evil, folder / "evil.onnx")
+    with pytest.raises(ModelFileError, match="outside the model's folder"):
+        engine.load(folder / "evil.onnx")
+
+
+def test_bad_calls(cnn_path):
+    clf = engine.load(cnn_path, providers=CPU)
+    x = np.zeros((2, 3, 8, 8), np.float32)
+    nan = x.copy()
+    nan[1, 0, 2, 3] = np.nan
+    with pytest.raises(InputError, match=r"NaN/Inf values \(first at index \(1, 0, 2, 3\)\)"):
+        clf.gradient(nan, 0)
+    with pytest.raises(InputError, match="looks like NHWC"):
+        clf.predict(np.zeros((2, 8, 8, 3), np.float32))
+    with pytest.raises(InputError, match="class index 5 out of range"):
+        clf.gradient(x, [0, 5])
+    with pytest.raises(InputError, match="one class per row"):
+        clf.gradient(x, [0, 1, 2])
+    with pytest.raises(InputError, match="floating point"):
+        clf.predict(x.astype(np.int32))
+    with pytest.raises(InputError, match="unknown output"):
+        clf.gradient(x, 0, output="softmax")
+
+
+def test_missing_builder_is_a_clear_error(cnn_path, tmp_path, fresh_cache, monkeypatch):
+    monkeypatch.setenv("ONNXPLAIN_BUILDER_PYTHON", str(tmp_path / "nowhere" / "python"))
+    clf = engine.load(cnn_path, providers=CPU)
+    with pytest.raises(BuilderError, match="ONNXPLAIN_BUILDER_PYTHON"):
+        clf.gradient(np.zeros((1, 3, 8, 8), np.float32), 0)
+    assert_nothing_written(fresh_cache)
+
+
+def test_undifferentiable_op_is_refused_with_node_and_op(tmp_path, fresh_cache):
+    class Up(nn.Module):
+        def forward(self, x):
+            return nn.functional.interpolate(x, scale_factor=2.0, mode="nearest").flatten(1)[:, :3]
+
+    path = export(Up(), (1, 2, 2), tmp_path)
+    out = tmp_path / "grad.onnx"
+    with pytest.raises(UnsupportedModelError, match=r"node '.*Resize.*' \(op Resize\)"):
+        compile_to_file(path, out)
+    assert_nothing_written(fresh_cache, out)
+
+
+def test_cli_compile_info_predict(cnn_path, tmp_path, capsys):
+    from engine.cli import main
+
+    out = tmp_path / "g.onnx"
+    assert main(["compile", str(cnn_path), "-o", str(out)]) == 0
+    assert "self-check passed" in capsys.readouterr().out
+    assert main(["info", str(cnn_path)]) == 0
+    assert '"num_classes": 5' in capsys.readouterr().out
+    assert main(["compile", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x.onnx")]) == 2
+    assert "no such model file" in capsys.readouterr().err
