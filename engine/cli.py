@@ -71,6 +71,32 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_explain(args) -> int:
+    import platform
+
+    from . import __version__, explain
+    from .atomic import atomic_write_bytes
+    from .images import load_images
+
+    clf = _load(args)
+    x = load_images(args.images, clf.input_shape, clf.layout, clf.input_range)
+    params = json.loads(args.params) if args.params else {}
+    target = None if args.target is None else int(args.target)
+    maps = explain(clf, x, args.method, target=target, output=args.output, **params)
+    record = {  # enough to reproduce the maps from the record alone
+        "onnxplain": __version__, "model": str(args.model), "model_sha256": clf.sha256,
+        "method": args.method, "params": params, "target": target, "output": args.output,
+        "images": list(args.images), "providers": clf.providers, "python": platform.python_version(),
+    }
+    import io
+
+    buf = io.BytesIO()
+    np.savez_compressed(buf, attributions=maps, inputs=x, record=json.dumps(record))
+    atomic_write_bytes(args.out, buf.getvalue())
+    print(f"wrote {args.out}: {args.method} maps {maps.shape}, record {json.dumps(record)[:120]}...")
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="onnxplain", description="Explain ONNX classifiers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -95,14 +121,26 @@ def main(argv=None) -> int:
 
     p = sub.add_parser("predict", help="top-k predictions for image files")
     p.add_argument("model")
+    p.add_argument("--gradient-model", help=argparse.SUPPRESS)
     p.add_argument("images", nargs="+")
     p.add_argument("--top", type=int, default=5)
     p.set_defaults(func=_cmd_predict)
 
+    p = sub.add_parser("explain", help="attribution maps for image files, saved as .npz with a record")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+")
+    p.add_argument("-m", "--method", default="integrated_gradients")
+    p.add_argument("-o", "--out", default="attributions.npz")
+    p.add_argument("--target", help="class index (default: the top-1 prediction)")
+    p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    p.add_argument("--params", help='method parameters as JSON, e.g. \'{"steps": 32}\'')
+    p.add_argument("--gradient-model", help="a gradient model from `onnxplain compile`")
+    p.set_defaults(func=_cmd_explain)
+
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError) as e:
+    except (ValueError, RuntimeError, OSError, TypeError) as e:
         print(f"onnxplain: error: {e}", file=sys.stderr)
         return 2
 

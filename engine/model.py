@@ -21,7 +21,7 @@ from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
 from .providers import default_providers, session_options
 
-DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes of activations per runtime call
+DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
 
 
 class InputError(ValueError):
@@ -261,21 +261,22 @@ def _builder_available() -> bool:
 
 
 def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
-    """Rough bytes of all intermediate tensors for one example (batch dim dropped), times two for
-    the backward pass; unknown shapes count as the input size."""
+    """Rough peak bytes of a gradient call for one example: the backward pass keeps the forward
+    activations alive, plus a few gradient-sized temporaries of the largest tensor. A tensor whose
+    shape is unknown counts as large as the input."""
     from .compile.graph import infer_shapes
+    from .compile.prepass import fold_constant_subgraphs
 
-    shapes = infer_shapes(model)
-    inits = {i.name for i in model.graph.initializer}
-    total = 0
-    for name, dims in shapes.items():
-        if name in inits or not dims:
-            continue
-        size = 1
-        for d in dims[1:]:
-            size *= d if isinstance(d, int) and d > 0 else 1
-        total += size
-    return max(total, 1) * 4 * 2
+    shapes = infer_shapes(fold_constant_subgraphs(model))
+    inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})
+    input_size = int(np.prod([d.dim_value or 1 for d in inp.type.tensor_type.shape.dim[1:]]))
+    sizes = [input_size]
+    for node in model.graph.node:
+        for name in node.output:
+            dims = shapes.get(name)
+            known = dims and all(isinstance(d, int) and d > 0 for d in dims[1:])
+            sizes.append(int(np.prod(dims[1:])) if known else input_size)
+    return (sum(sizes) + 4 * max(sizes)) * 4
 
 
 def load(model, *, providers=None, gradient_model=None, batch_size: int | None = None,

@@ -24,7 +24,7 @@ from .lower import LoweringError, lower
 from .prepass import UnsupportedModelError, prepass
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "1"
+COMPILER_VERSION = "2"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -103,6 +103,15 @@ def compile_model(
         info.self_check = run_check(built, headed, mf, info, where)
         _set_meta(built, info)
     return built, info
+
+
+def builder_graph(source, *, rule: str = "gradient") -> tuple[onnx.ModelProto, ModelFile]:
+    """The builder's own (unlowered) gradient graph: the reference the lowering is checked
+    against, and the onnxruntime-training contender in the benchmarks."""
+    mf = source if isinstance(source, ModelFile) else read_model(source)
+    fwd = prepass(mf.model, mf.input_name)
+    headed = _with_head(fwd, mf, infer_shapes(fwd), None)
+    return _build(headed, mf, None, rule, "model"), mf
 
 
 def _with_head(fwd, mf: ModelFile, shapes, tap) -> onnx.ModelProto:

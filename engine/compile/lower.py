@@ -54,8 +54,10 @@ def _zero(ctx):
 @lowering("ReluGrad")
 def relu_grad(node, ctx):
     dy, x = node.input
-    mask = ctx.fresh("relu_mask")
-    return [make("Greater", [x, _zero(ctx)], [mask]), make("Where", [mask, dy, _zero(ctx)], node.output)]
+    mask, mask_f = ctx.fresh("relu_mask"), ctx.fresh("relu_mask_f")
+    # Mul by a float mask: faster than Where(mask, dY, 0) in onnxruntime
+    return [make("Greater", [x, _zero(ctx)], [mask]), make("Cast", [mask], [mask_f], to=TensorProto.FLOAT),
+            make("Mul", [dy, mask_f], node.output)]
 
 
 @lowering("SigmoidGrad")
