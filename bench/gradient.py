@@ -55,8 +55,9 @@ def main(argv=None) -> dict:
     photos, _ = sample_images(size=224)
     x = np.concatenate([photos] * (args.batch // len(photos) + 1))[: args.batch].astype(np.float32)
 
-    clf = engine.load(onnx_path, providers=["CPUExecutionProvider"], threads=args.threads,
-                      batch_size=args.batch)
+    clf = engine.load(
+        onnx_path, providers=["CPUExecutionProvider"], threads=args.threads, batch_size=args.batch
+    )
     target = clf.predict(x).argmax(1)
     results = {
         "forward": median_seconds(lambda: clf.predict(x), args.repeats),
@@ -75,24 +76,34 @@ def main(argv=None) -> dict:
 
     results["torch_autograd"] = median_seconds(torch_gradient, args.repeats)
     ours = clf.gradient(x, target, output="logit")[1]
-    results["max_rel_diff_vs_torch"] = float(np.abs(ours - torch_gradient().numpy()).max()
-                                             / np.abs(ours).max())
+    results["max_rel_diff_vs_torch"] = float(
+        np.abs(ours - torch_gradient().numpy()).max() / np.abs(ours).max()
+    )
 
     # onnxruntime-training on its own (unlowered) graph, timed inside the builder interpreter
     graph, mf = builder_graph(onnx_path)
     import onnx
 
     onnx.save(graph, work / "builder_graph.onnx")
-    feeds = {mf.input_name: x, head.CLASS_WEIGHTS: np.eye(clf.num_classes, dtype=np.float32)[target],
-             head.OUTPUT_MIX: np.array([1, 0, 0], np.float32)}
+    feeds = {
+        mf.input_name: x,
+        head.CLASS_WEIGHTS: np.eye(clf.num_classes, dtype=np.float32)[target],
+        head.OUTPUT_MIX: np.array([1, 0, 0], np.float32),
+    }
     np.savez(work / "feeds.npz", **feeds)
-    answer = builder.call({"op": "run", "model": str(work / "builder_graph.onnx"),
-                           "feeds": str(work / "feeds.npz"), "outputs": [mf.input_name + "_grad"],
-                           "repeat": args.repeats, "threads": args.threads})
+    answer = builder.call(
+        {
+            "op": "run",
+            "model": str(work / "builder_graph.onnx"),
+            "feeds": str(work / "feeds.npz"),
+            "outputs": [mf.input_name + "_grad"],
+            "repeat": args.repeats,
+            "threads": args.threads,
+        }
+    )
     results["onnxruntime_training"] = statistics.median(answer["seconds"])
 
-    print(f"EfficientNet-Lite0 224x224, batch {args.batch}, {args.threads} threads, "
-          f"median of {args.repeats}")
+    print(f"EfficientNet-Lite0 224x224, batch {args.batch}, {args.threads} threads, median of {args.repeats}")
     print(f"{'what':40s} {'seconds':>8s} {'ratio':>8s}")
     rows = [
         ("forward only (onnxplain predict)", results["forward"], None),

@@ -6,7 +6,9 @@
 
 Both sides see the same [0, 1] images, baseline, explained classes and thread count; each line
 prints both median timings, the ratio ours / peer against its target, and max |ours − peer| /
-max |peer| to show the two compute the same map.
+max |peer| and ‖ours − peer‖ / ‖peer‖ to show the two compute the same map. AGI and Guided IG
+amplify float32 gradient noise (sign(≈0), quantile ties), so for them the peer's algorithm is also
+run, untimed, on onnxplain's gradients: that gap must be ~1e-7.
 
     python -m bench.methods [--only ig agi guided_ig] [--repeats 3] [--images N] [--steps N]
                             [--classes K] [--agi-images 1|2] [--threads 2] [--workdir DIR]
@@ -145,19 +147,22 @@ class TorchAGIModel:
 
 
 class OnnxAGIModel:
-    """The same calls on onnxplain's Classifier: the reference loop fed our gradients isolates the
-    algorithm from float32 gradient noise (sign(≈0) of g_adv falls differently on two runtimes)."""
+    """The same calls on onnxplain's Classifier, for a float64 loop: the reference loop fed our
+    gradients, with onnxplain's float64 iterate arithmetic, isolates the algorithm from float32
+    noise. (A 1-ulp difference in an iterate moves the gradient by ~1e-5, enough to flip
+    sign(g_adv) where g_adv ≈ 0, and each flip moves that pixel by 2·eps at the next step.)"""
 
     def __init__(self, clf):
         self.clf = clf
 
     def forward(self, xp):
-        arr = xp.numpy()
+        arr = xp.numpy().astype(np.float32)
         return int(self.clf.predict(arr).argmax(axis=1)[0]), arr
 
     def gradients(self, arr, adv: int, label: int):
         _, g = self.clf.gradient(np.concatenate([arr, arr]), [adv, label], output="probability")
-        return torch.from_numpy(g[:1]), torch.from_numpy(g[1:])
+        g = torch.from_numpy(g.astype(np.float64))
+        return g[:1], g[1:]
 
 
 def agi_one_class(model, x0, label: int, adv: int, steps: int):
@@ -213,7 +218,7 @@ def bench_agi(setup: Setup, images: int, steps: int, classes: int) -> Row:
                                       warmup=lambda: reference_agi(peer, x, target, ids[:1], 2))
     # untimed: image 0 and two classes keep the single-row onnx loop short
     few = [c for c in ids if c != target[0]][:2]
-    same = reference_agi(OnnxAGIModel(setup.clf), x[:1], target[:1], few, steps)
+    same = reference_agi(OnnxAGIModel(setup.clf), x[:1].astype(np.float64), target[:1], few, steps)
     note = same_gradient_note(ours(class_ids=few, rows=slice(0, 1)), same, f"image 0, classes {few}")
     return Row("agi", "torch loop (reference code)", ours_s, peer_s, TARGETS["agi"],
                *agreement(ours_map, peer_map), note=note)

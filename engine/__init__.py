@@ -5,8 +5,7 @@ Public surface: ``load`` (a Classifier over onnxruntime), ``explain`` and ``METH
 
 __version__ = "0.1.0"
 
-from .model import Classifier, load  # noqa: E402
-
 from .methods import METHODS, explain  # noqa: E402
+from .model import Classifier, load  # noqa: E402
 
 __all__ = ["Classifier", "load", "explain", "METHODS", "__version__"]

@@ -23,15 +23,20 @@ def _cmd_builder(args) -> int:
 def _cmd_compile(args) -> int:
     from .compile import compile_to_file
 
-    info = compile_to_file(args.model, args.output, rule=args.rule, layer=args.layer,
-                           self_check=not args.no_self_check)
+    info = compile_to_file(
+        args.model, args.output, rule=args.rule, layer=args.layer, self_check=not args.no_self_check
+    )
     check = info.self_check or {"status": "not run"}
-    print(f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
-          f"{', '.join(info.lowered_ops) or 'nothing'}; self-check {check['status']}")
+    print(
+        f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
+        f"{', '.join(info.lowered_ops) or 'nothing'}; self-check {check['status']}"
+    )
     if check.get("status") == "passed":
         g = check[info.input_gradient]
-        print(f"  input gradient max abs error vs the builder's graph: {g['max_abs_error']:.3g} "
-              f"(scale {g['scale']:.3g})")
+        print(
+            f"  input gradient max abs error vs the builder's graph: {g['max_abs_error']:.3g} "
+            f"(scale {g['scale']:.3g})"
+        )
     elif check.get("reason"):
         print(f"  reason: {check['reason']}")
     return 0
@@ -46,10 +51,17 @@ def _load(args):
 def _cmd_info(args) -> int:
     clf = _load(args)
     info = {
-        "model": str(args.model), "sha256": clf.sha256, "input_shape": clf.input_shape,
-        "layout": clf.layout, "input_range": clf.input_range, "num_classes": clf.num_classes,
-        "labels": (clf.labels or [])[:5], "source_framework": clf.info.source_framework,
-        "preprocessing": clf.info.preprocessing, "batch_size": clf.batch_size, "providers": clf.providers,
+        "model": str(args.model),
+        "sha256": clf.sha256,
+        "input_shape": clf.input_shape,
+        "layout": clf.layout,
+        "input_range": clf.input_range,
+        "num_classes": clf.num_classes,
+        "labels": (clf.labels or [])[:5],
+        "source_framework": clf.info.source_framework,
+        "preprocessing": clf.info.preprocessing,
+        "batch_size": clf.batch_size,
+        "providers": clf.providers,
     }
     print(json.dumps(info, indent=2))
     return 0
@@ -84,9 +96,16 @@ def _cmd_explain(args) -> int:
     target = None if args.target is None else int(args.target)
     maps = explain(clf, x, args.method, target=target, output=args.output, **params)
     record = {  # enough to reproduce the maps from the record alone
-        "onnxplain": __version__, "model": str(args.model), "model_sha256": clf.sha256,
-        "method": args.method, "params": params, "target": target, "output": args.output,
-        "images": list(args.images), "providers": clf.providers, "python": platform.python_version(),
+        "onnxplain": __version__,
+        "model": str(args.model),
+        "model_sha256": clf.sha256,
+        "method": args.method,
+        "params": params,
+        "target": target,
+        "output": args.output,
+        "images": list(args.images),
+        "providers": clf.providers,
+        "python": platform.python_version(),
     }
     import io
 
@@ -133,7 +152,7 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--out", default="attributions.npz")
     p.add_argument("--target", help="class index (default: the top-1 prediction)")
     p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
-    p.add_argument("--params", help='method parameters as JSON, e.g. \'{"steps": 32}\'')
+    p.add_argument("--params", help="method parameters as JSON, e.g. '{\"steps\": 32}'")
     p.add_argument("--gradient-model", help="a gradient model from `onnxplain compile`")
     p.set_defaults(func=_cmd_explain)
 

@@ -8,8 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def load_images(paths, input_shape: tuple[int, ...], layout: str | None,
-                input_range: tuple[float, float] = (0.0, 1.0)) -> np.ndarray:
+def load_images(
+    paths, input_shape: tuple[int, ...], layout: str | None, input_range: tuple[float, float] = (0.0, 1.0)
+) -> np.ndarray:
     """A float32 batch shaped (N, *input_shape) from image files, scaled to ``input_range``."""
     if layout not in ("NCHW", "NHWC"):
         raise ValueError(f"the model's layout is {layout!r}; image files need an NCHW or NHWC image model")

@@ -31,8 +31,15 @@ class InputError(ValueError):
 class Classifier:
     """An ONNX classifier with exact input gradients. Build it with ``engine.load``."""
 
-    def __init__(self, mf: ModelFile, *, providers=None, gradient_model=None, batch_size=None,
-                 threads: int | None = None):
+    def __init__(
+        self,
+        mf: ModelFile,
+        *,
+        providers=None,
+        gradient_model=None,
+        batch_size=None,
+        threads: int | None = None,
+    ):
         self._mf = mf
         self.info = metadata.read(mf.model)
         self._providers_requested = list(providers) if providers else default_providers()
@@ -143,7 +150,8 @@ class Classifier:
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             self._sessions[key] = ort.InferenceSession(
-                src, session_options(self._threads), providers=self._providers_requested)
+                src, session_options(self._threads), providers=self._providers_requested
+            )
         return self._sessions[key]
 
     def _add_gradient_model(self, source) -> None:
@@ -159,11 +167,15 @@ class Classifier:
                 raise InputError(f"{where}: not an ONNX gradient model ({e})") from e
         info = CompiledInfo.from_model(model)
         if info is None:
-            raise InputError(f"{where}: not an onnxplain gradient model (no onnxplain.gradient "
-                             "metadata); make one with `onnxplain compile MODEL -o GRAD.onnx`")
+            raise InputError(
+                f"{where}: not an onnxplain gradient model (no onnxplain.gradient "
+                "metadata); make one with `onnxplain compile MODEL -o GRAD.onnx`"
+            )
         if info.source_sha256 != self._mf.sha256:
-            raise InputError(f"{where}: gradient model was compiled from a different model "
-                             f"(sha256 {info.source_sha256[:12]}, this model {self._mf.sha256[:12]})")
+            raise InputError(
+                f"{where}: gradient model was compiled from a different model "
+                f"(sha256 {info.source_sha256[:12]}, this model {self._mf.sha256[:12]})"
+            )
         entry = (model.SerializeToString(), info)
         if info.tap:  # a standalone model has one tap: it serves layer=None and its own name
             self._compiled[(info.rule, "auto")] = entry
@@ -176,9 +188,11 @@ class Classifier:
         if key not in self._compiled:
             if self._compiled and not _builder_available():
                 have = sorted(k[0] + (f" with layer {k[1]}" if k[1] else "") for k in self._compiled)
-                raise InputError(f"no gradient model for rule {rule!r}{' layer ' + layer if layer else ''}: "
-                                 f"this Classifier was given {have} and no builder is installed; compile "
-                                 f"it with `onnxplain compile MODEL --rule {rule}`")
+                raise InputError(
+                    f"no gradient model for rule {rule!r}{' layer ' + layer if layer else ''}: "
+                    f"this Classifier was given {have} and no builder is installed; compile "
+                    f"it with `onnxplain compile MODEL --rule {rule}`"
+                )
             from .compile.cache import cached_gradient_model
 
             path = cached_gradient_model(self._mf, rule=rule, layer=layer)
@@ -203,8 +217,9 @@ class Classifier:
             raise InputError(f"input must be floating point, got dtype {x.dtype}")
         expected = self.input_shape
         if x.ndim != len(expected) + 1:
-            raise InputError(f"input must be a batch of shape (N, {', '.join(map(str, expected))}), "
-                             f"got shape {x.shape}")
+            raise InputError(
+                f"input must be a batch of shape (N, {', '.join(map(str, expected))}), got shape {x.shape}"
+            )
         got = x.shape[1:]
         if any(e not in (-1, g) for e, g in zip(expected, got)):
             hint = ""
@@ -232,8 +247,10 @@ class Classifier:
                 raise InputError(f"target must hold class indices (integers), got dtype {t.dtype}")
         out_of_range = (t < 0) | (t >= self.num_classes)
         if out_of_range.any():
-            raise InputError(f"class index {int(t[out_of_range][0])} out of range: the model has "
-                             f"{self.num_classes} classes (0..{self.num_classes - 1})")
+            raise InputError(
+                f"class index {int(t[out_of_range][0])} out of range: the model has "
+                f"{self.num_classes} classes (0..{self.num_classes - 1})"
+            )
         return t.astype(np.int64)
 
     @staticmethod
@@ -246,8 +263,10 @@ class Classifier:
 
     def __repr__(self) -> str:
         name = self.path.name if self.path else "<bytes>"
-        return (f"Classifier({name}, input {self.input_shape} {self.layout or ''}, "
-                f"{self.num_classes} classes, batch_size={self.batch_size})")
+        return (
+            f"Classifier({name}, input {self.input_shape} {self.layout or ''}, "
+            f"{self.num_classes} classes, batch_size={self.batch_size})"
+        )
 
 
 def _builder_available() -> bool:
@@ -279,12 +298,18 @@ def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
     return (sum(sizes) + 4 * max(sizes)) * 4
 
 
-def load(model, *, providers=None, gradient_model=None, batch_size: int | None = None,
-         threads: int | None = None) -> Classifier:
+def load(
+    model, *, providers=None, gradient_model=None, batch_size: int | None = None, threads: int | None = None
+) -> Classifier:
     """Load an ONNX classifier. ``gradient_model``: a gradient model written by
     ``onnxplain compile`` (no builder needed then). ``batch_size``: rows per runtime call
     (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes)."""
     if isinstance(model, Classifier):
         return model
-    return Classifier(read_model(model), providers=providers, gradient_model=gradient_model,
-                      batch_size=batch_size, threads=threads)
+    return Classifier(
+        read_model(model),
+        providers=providers,
+        gradient_model=gradient_model,
+        batch_size=batch_size,
+        threads=threads,
+    )

@@ -118,18 +118,24 @@ def _describe(path, model, digest, where) -> ModelFile:
     inputs = [i for i in g.input if i.name not in inits]
     if len(inputs) != 1:
         names = [i.name for i in inputs]
-        raise ModelFileError(f"{where}: a classifier must have exactly one input, found {len(inputs)}: {names}")
+        raise ModelFileError(
+            f"{where}: a classifier must have exactly one input, found {len(inputs)}: {names}"
+        )
     inp = inputs[0]
     if inp.type.tensor_type.elem_type != TensorProto.FLOAT:
         dtype = TensorProto.DataType.Name(inp.type.tensor_type.elem_type)
-        raise ModelFileError(f"{where}: input {inp.name!r} has dtype {dtype}; onnxplain needs float32 "
-                             "inputs (differentiable); embed token ids outside the model")
+        raise ModelFileError(
+            f"{where}: input {inp.name!r} has dtype {dtype}; onnxplain needs float32 "
+            "inputs (differentiable); embed token ids outside the model"
+        )
     dims = _dims(inp)
     if dims is None or len(dims) < 2:
         raise ModelFileError(f"{where}: input {inp.name!r} needs a known rank >= 2 (batch first), got {dims}")
     if len(g.output) != 1:
-        raise ModelFileError(f"{where}: a classifier must have exactly one output (the logits), found "
-                             f"{[o.name for o in g.output]}")
+        raise ModelFileError(
+            f"{where}: a classifier must have exactly one output (the logits), found "
+            f"{[o.name for o in g.output]}"
+        )
     out = g.output[0]
     odims = _dims(out)
     if odims is None or len(odims) != 2 or not isinstance(odims[1], int) or odims[1] < 2:

@@ -37,8 +37,10 @@ def main(argv=None) -> int:
     if not grad_path.exists() or grad_path.stat().st_mtime < model_path.stat().st_mtime:
         t = time.perf_counter()
         info = compile_to_file(model_path, grad_path)
-        print(f"{grad_path}: gradient model compiled in {time.perf_counter() - t:.1f} s "
-              f"(lowered {', '.join(info.lowered_ops)})")
+        print(
+            f"{grad_path}: gradient model compiled in {time.perf_counter() - t:.1f} s "
+            f"(lowered {', '.join(info.lowered_ops)})"
+        )
     clf = engine.load(model_path, gradient_model=grad_path)
     info = clf._compiled[("gradient", None)][1]
 
@@ -55,13 +57,17 @@ def main(argv=None) -> int:
     print(f"\nGradient self-check against onnxruntime-training's own graph: {check['status']}")
     if check["status"] == "passed":
         g = check[info.input_gradient]
-        print(f"  max |lowered - builder| = {g['max_abs_error']:.2e} (gradient scale {g['scale']:.2e}, "
-              f"batch {check['batch']}, random inputs)")
+        print(
+            f"  max |lowered - builder| = {g['max_abs_error']:.2e} (gradient scale {g['scale']:.2e}, "
+            f"batch {check['batch']}, random inputs)"
+        )
     target = probs.argmax(1)
     t = time.perf_counter()
     scores, grads = clf.gradient(photos, target, output="probability")
-    print(f"  d p(top-1) / d x for {len(photos)} photos in {time.perf_counter() - t:.2f} s; "
-          f"p = {np.round(scores, 3).tolist()}, |grad|max = {np.abs(grads).max():.3g}")
+    print(
+        f"  d p(top-1) / d x for {len(photos)} photos in {time.perf_counter() - t:.2f} s; "
+        f"p = {np.round(scores, 3).tolist()}, |grad|max = {np.abs(grads).max():.3g}"
+    )
     # A finite-difference spot check along the gradient direction: f(x + h d) - f(x - h d) ≈ 2h |g|²/|g|
     d = grads / np.linalg.norm(grads.reshape(len(grads), -1), axis=1)[:, None, None, None]
     h = 1e-3
@@ -69,8 +75,10 @@ def main(argv=None) -> int:
     fm = _prob(clf.predict(photos - h * d), target)
     fd = (fp - fm) / (2 * h)
     directional = np.linalg.norm(grads.reshape(len(grads), -1), axis=1)
-    print("  finite-difference check of the directional derivative: "
-          + ", ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(fd, directional)))
+    print(
+        "  finite-difference check of the directional derivative: "
+        + ", ".join(f"{a:.4f} vs {b:.4f}" for a, b in zip(fd, directional))
+    )
     return 0
 
 

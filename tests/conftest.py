@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-
 from collections.abc import Callable
 from pathlib import Path
 

@@ -22,9 +22,16 @@ def export(module: torch.nn.Module, input_shape, folder: Path, opset: int = 17, 
     handle whatever torch writes)."""
     path = Path(folder) / f"m_{uuid.uuid4().hex[:8]}.onnx"
     x = torch.randn(batch, *input_shape)
-    torch.onnx.export(module.eval(), x, str(path), input_names=["input"], output_names=["logits"],
-                      dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
-                      opset_version=opset, dynamo=False)
+    torch.onnx.export(
+        module.eval(),
+        x,
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+        opset_version=opset,
+        dynamo=False,
+    )
     return path
 
 
@@ -43,8 +50,18 @@ def relative_error(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(a - b))) / scale
 
 
-def check_module(module, input_shape, folder, *, batch: int = 3, outputs=("logit", "probability"),
-                 rtol: float = 1e-4, seed: int = 0, low: float = -1.0, high: float = 1.0):
+def check_module(
+    module,
+    input_shape,
+    folder,
+    *,
+    batch: int = 3,
+    outputs=("logit", "probability"),
+    rtol: float = 1e-4,
+    seed: int = 0,
+    low: float = -1.0,
+    high: float = 1.0,
+):
     """Compile ``module`` and assert its input gradients match torch autograd for every output."""
     module = module.eval()
     path = export(module, input_shape, folder)

@@ -21,9 +21,15 @@ CPU = ["CPUExecutionProvider"]
 def small_cnn(relu=nn.ReLU):
     torch.manual_seed(0)
     return nn.Sequential(
-        nn.Conv2d(3, 6, 3, padding=1), relu(), nn.MaxPool2d(2),
-        nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), relu(),
-        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+        nn.Conv2d(3, 6, 3, padding=1),
+        relu(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(6, 8, 3, padding=1),
+        nn.BatchNorm2d(8),
+        relu(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
     ).eval()
 
 
@@ -34,14 +40,18 @@ def cnn_path(tmp_path_factory):
 
 def rule_reference(module, x, target, rule):
     """Guided backprop / DeconvNet with torch backward hooks on every ReLU and ReLU6 module."""
+
     def guided(mod, grad_in, grad_out):
         return (torch.relu(grad_in[0]),)
 
     def deconv(mod, grad_in, grad_out):
         return (torch.relu(grad_out[0]),)
 
-    hooks = [m.register_full_backward_hook(guided if rule == "guided_backprop" else deconv)
-             for m in module.modules() if isinstance(m, nn.ReLU | nn.ReLU6)]
+    hooks = [
+        m.register_full_backward_hook(guided if rule == "guided_backprop" else deconv)
+        for m in module.modules()
+        if isinstance(m, nn.ReLU | nn.ReLU6)
+    ]
     try:
         return torch_gradient(module, x, target)[1]
     finally:
@@ -85,7 +95,7 @@ def test_layer_gradient_matches_torch(cnn_path):
         store = {}
         layer = module[5]  # the ReLU after the last Conv + BatchNorm: the last feature map
 
-        def keep(mod, inputs, out):
+        def keep(mod, inputs, out, store=store):
             out.retain_grad()
             store["a"] = out
 
@@ -144,8 +154,9 @@ def test_chunked_batches_match_one_batch(cnn_path):
     target = np.arange(7) % 5
     whole = engine.load(cnn_path, providers=CPU, batch_size=100)
     chunked = engine.load(cnn_path, providers=CPU, batch_size=3)
-    np.testing.assert_allclose(chunked.gradient(x, target)[1], whole.gradient(x, target)[1],
-                               rtol=1e-6, atol=1e-9)
+    np.testing.assert_allclose(
+        chunked.gradient(x, target)[1], whole.gradient(x, target)[1], rtol=1e-6, atol=1e-9
+    )
     np.testing.assert_allclose(chunked.predict(x), whole.predict(x), rtol=1e-6, atol=1e-6)
 
 
@@ -180,10 +191,14 @@ def _two_input_model(tmp_path):
     from onnx import TensorProto, helper
 
     g = helper.make_graph(
-        [helper.make_node("Add", ["a", "b"], ["logits"])], "two",
-        [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
-         helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])])
+        [helper.make_node("Add", ["a", "b"], ["logits"])],
+        "two",
+        [
+            helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 3]),
+            helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 3]),
+        ],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 3])],
+    )
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 9
     path = tmp_path / "two_inputs.onnx"
@@ -204,8 +219,14 @@ def test_external_data_outside_the_folder_is_refused(cnn_path, tmp_path):
     model = onnx.load(cnn_path)
     folder = tmp_path / "inner"
     folder.mkdir()
-    onnx.save(model, folder / "m.onnx", save_as_external_data=True, all_tensors_to_one_file=True,
-              location="weights.bin", size_threshold=0)
+    onnx.save(
+        model,
+        folder / "m.onnx",
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location="weights.bin",
+        size_threshold=0,
+    )
     assert engine.load(folder / "m.onnx").num_classes == 5  # inside the folder: fine
     evil = onnx.load(folder / "m.onnx", load_external_data=False)
     (tmp_path / "secret.bin").write_bytes((folder / "weights.bin").read_bytes())

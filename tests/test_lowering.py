@@ -63,32 +63,48 @@ POOL_CASES = [
     case(lambda: nn.MaxPool3d(2), (2, 4, 4, 4), id="maxpool3d"),
     case(lambda: nn.AvgPool2d(2), (2, 6, 6), id="avgpool"),
     case(lambda: nn.AvgPool2d(3, stride=2, padding=1), (2, 7, 7), id="avgpool-pad-include"),
-    case(lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False), (2, 7, 7),
-         id="avgpool-pad-exclude"),
+    case(
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, count_include_pad=False),
+        (2, 7, 7),
+        id="avgpool-pad-exclude",
+    ),
     case(lambda: nn.AvgPool2d(3, stride=2, ceil_mode=True), (2, 8, 8), id="avgpool-ceil"),
-    case(lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True), (2, 8, 8),
-         id="avgpool-ceil-include-pad"),
-    case(lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
-         (2, 8, 8), id="avgpool-ceil-exclude-pad"),
+    case(
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True), (2, 8, 8), id="avgpool-ceil-include-pad"
+    ),
+    case(
+        lambda: nn.AvgPool2d(3, stride=2, padding=1, ceil_mode=True, count_include_pad=False),
+        (2, 8, 8),
+        id="avgpool-ceil-exclude-pad",
+    ),
     case(lambda: nn.AvgPool1d(3, stride=2, padding=1), (2, 9), id="avgpool1d"),
     case(lambda: nn.AvgPool3d(2, stride=2), (2, 4, 4, 4), id="avgpool3d"),
     case(lambda: nn.AdaptiveAvgPool2d(1), (3, 5, 5), id="global-avgpool"),
 ]
 
 ACTIVATION_CASES = [
-    case(lambda: nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh()), (6,),
-         id="sigmoid-tanh"),
+    case(
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.Sigmoid(), nn.Linear(8, 8), nn.Tanh()),
+        (6,),
+        id="sigmoid-tanh",
+    ),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.LeakyReLU(0.1)), (6,), id="leaky-relu"),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.ELU(0.7)), (6,), id="elu"),
-    case(lambda: nn.Sequential(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 8), nn.Hardsigmoid()),
-         (6,), id="hardswish-hardsigmoid"),
+    case(
+        lambda: nn.Sequential(nn.Linear(6, 8), nn.Hardswish(), nn.Linear(8, 8), nn.Hardsigmoid()),
+        (6,),
+        id="hardswish-hardsigmoid",
+    ),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.GELU()), (6,), id="gelu-erf"),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.GELU(approximate="tanh")), (6,), id="gelu-tanh"),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.Softmax(-1)), (6,), id="softmax-inside"),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.LogSoftmax(-1)), (6,), id="logsoftmax-inside"),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8)), (6,), id="layernorm"),
-    case(lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()), (3, 6, 6),
-         id="batchnorm-relu6"),
+    case(
+        lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU6()),
+        (3, 6, 6),
+        id="batchnorm-relu6",
+    ),
     case(lambda: nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU()), (6,), id="batchnorm1d"),
 ]
 
@@ -101,8 +117,7 @@ INDEXING_CASES = [
     case(lambda: Lambda(lambda x: x.amax(dim=1)), (3, 5), id="reduce-max"),
     case(lambda: Lambda(lambda x: x * x), (5,), id="square-of-input"),
     case(lambda: Lambda(lambda x: torch.cat([x, x[:, :2] * 2], 1)), (5,), id="concat"),
-    case(lambda: Lambda(lambda x: (x.unsqueeze(2) * x.unsqueeze(1)).flatten(1)), (3,),
-         id="broadcast-mul"),
+    case(lambda: Lambda(lambda x: (x.unsqueeze(2) * x.unsqueeze(1)).flatten(1)), (3,), id="broadcast-mul"),
     case(lambda: Lambda(lambda x: x.transpose(1, 2) @ x), (3, 4), id="matmul-batched"),
     case(lambda: Lambda(lambda x: F.pad(x, (1, 2, 0, 1))), (2, 3, 3), id="pad-constant"),
 ]
@@ -130,12 +145,16 @@ def _onnx_conv_same(tmp_path, auto_pad):
     w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
     fc = rng.normal(size=(4 * 3 * 3, 4)).astype(np.float32)
     graph = helper.make_graph(
-        [helper.make_node("Conv", ["input", "w"], ["c"], auto_pad=auto_pad, strides=[2, 2]),
-         helper.make_node("Flatten", ["c"], ["f"]),
-         helper.make_node("MatMul", ["f", "fc"], ["logits"])],
-        "same", [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 6, 6])],
+        [
+            helper.make_node("Conv", ["input", "w"], ["c"], auto_pad=auto_pad, strides=[2, 2]),
+            helper.make_node("Flatten", ["c"], ["f"]),
+            helper.make_node("MatMul", ["f", "fc"], ["logits"]),
+        ],
+        "same",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 6, 6])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
-        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")])
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(fc, "fc")],
+    )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 9
     path = tmp_path / f"{auto_pad}.onnx"

@@ -38,8 +38,9 @@ def test_zoo_gradients_match_torch_and_builder(name, zoo_onnx):
     assert check["status"] == "passed", check
     g = check[info.input_gradient]
     assert g["max_abs_error"] <= 1e-6 * g["scale"], g
-    assert {n.domain for n in __import__("onnx").load_from_string(
-        clf._compiled[("gradient", None)][0]).graph.node} <= {"", "ai.onnx"}
+    assert {
+        n.domain for n in __import__("onnx").load_from_string(clf._compiled[("gradient", None)][0]).graph.node
+    } <= {"", "ai.onnx"}
 
 
 def _keras_gradient(model, x, target, output):

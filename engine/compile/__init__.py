@@ -13,7 +13,6 @@ import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 from .. import __version__
@@ -29,8 +28,13 @@ GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
 __all__ = [
-    "CompiledInfo", "compile_model", "compile_to_file", "LoweringError", "UnsupportedModelError",
-    "BuilderError", "GRADIENT_META",
+    "CompiledInfo",
+    "compile_model",
+    "compile_to_file",
+    "LoweringError",
+    "UnsupportedModelError",
+    "BuilderError",
+    "GRADIENT_META",
 ]
 BuilderError = builder.BuilderError
 
@@ -80,7 +84,9 @@ def compile_model(
         tap = head.last_feature_map(fwd, shapes, None) if layer == "auto" else layer
         if tap not in shapes:
             known = [n.output[0] for n in fwd.graph.node if n.op_type == "Conv"][-5:]
-            raise ValueError(f"{where}: layer {tap!r} is not a tensor of the model (last Conv outputs: {known})")
+            raise ValueError(
+                f"{where}: layer {tap!r} is not a tensor of the model (last Conv outputs: {known})"
+            )
     headed = _with_head(fwd, mf, shapes, tap)
     built = _build(headed, mf, tap, rule, where)
     full_shapes = _shapes_for_lowering(headed, built)
@@ -89,12 +95,23 @@ def compile_model(
     except LoweringError as e:
         raise LoweringError(f"{where}: {e}") from e
     info = CompiledInfo(
-        rule=rule, input=mf.input_name, logits=mf.output_name, scores=head.SCORES,
-        input_gradient=head.gradient_name(mf.input_name), num_classes=mf.num_classes, layer=tap,
-        tap=head.TAP if tap else None, tap_gradient=head.gradient_name(head.TAP_DELTA) if tap else None,
-        source_sha256=mf.sha256, lowered_ops=sorted(set(lowered_ops)),
-        versions={"onnxplain": __version__, "compiler": COMPILER_VERSION,
-                  "builder": builder.BUILDER_REQUIREMENTS[0], "onnx": onnx.__version__},
+        rule=rule,
+        input=mf.input_name,
+        logits=mf.output_name,
+        scores=head.SCORES,
+        input_gradient=head.gradient_name(mf.input_name),
+        num_classes=mf.num_classes,
+        layer=tap,
+        tap=head.TAP if tap else None,
+        tap_gradient=head.gradient_name(head.TAP_DELTA) if tap else None,
+        source_sha256=mf.sha256,
+        lowered_ops=sorted(set(lowered_ops)),
+        versions={
+            "onnxplain": __version__,
+            "compiler": COMPILER_VERSION,
+            "builder": builder.BUILDER_REQUIREMENTS[0],
+            "onnx": onnx.__version__,
+        },
     )
     _finish(built, info, mf)
     if self_check:
@@ -132,8 +149,16 @@ def _build(headed, mf, tap, rule, where) -> onnx.ModelProto:
         src, dst = Path(tmp) / "head.onnx", Path(tmp) / "grad.onnx"
         onnx.save(headed, src)
         try:
-            builder.call({"op": "build", "model": str(src), "output": str(dst), "loss": head.LOSS,
-                          "wrt": wrt, "rule": rule})
+            builder.call(
+                {
+                    "op": "build",
+                    "model": str(src),
+                    "output": str(dst),
+                    "loss": head.LOSS,
+                    "wrt": wrt,
+                    "rule": rule,
+                }
+            )
         except builder.BuilderError as e:
             raise _explain_build_failure(e, headed, where) from e
         return onnx.load(dst)
@@ -158,8 +183,9 @@ def _shapes_for_lowering(headed, built) -> dict:
     for vi in built.graph.value_info:
         t = vi.type.tensor_type
         if t.HasField("shape") and vi.name not in shapes:
-            shapes[vi.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                               for d in t.shape.dim]
+            shapes[vi.name] = [
+                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
+            ]
     for name, dims in list(shapes.items()):  # a gradient has the shape of its tensor
         shapes.setdefault(head.gradient_name(name), dims)
     return shapes

@@ -40,8 +40,10 @@ def builder_python() -> Path:
     if explicit:
         path = Path(explicit)
         if not path.exists():
-            raise BuilderError(f"{ENV_VAR}={explicit} does not exist; unset it or point it at a "
-                               "Python with onnxruntime-training-cpu==1.19.2")
+            raise BuilderError(
+                f"{ENV_VAR}={explicit} does not exist; unset it or point it at a "
+                "Python with onnxruntime-training-cpu==1.19.2"
+            )
         return path
     path = _venv_python(default_venv())
     if not path.exists():
@@ -74,8 +76,12 @@ def call(request: dict, timeout: float = 600) -> dict:
     py = builder_python()
     try:
         proc = subprocess.run(
-            [str(py), str(WORKER)], input=json.dumps(request), capture_output=True, text=True,
-            timeout=timeout, env={**os.environ, "PYTHONNOUSERSITE": "1"},
+            [str(py), str(WORKER)],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env={**os.environ, "PYTHONNOUSERSITE": "1"},
         )
     except subprocess.TimeoutExpired as e:
         raise BuilderError(f"builder timed out after {timeout} s on {request.get('model')}") from e

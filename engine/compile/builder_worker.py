@@ -56,8 +56,10 @@ def _register_rule(C, rule):
         relu = None  # the builder's own ReluGrad is right (lowered to the same Mul/Cast form)
         clip = [*clip_mask, ("Mul", ["GO(0)", "mask_f"], ["GI(0)"], None)]
     elif rule == "guided_backprop":
-        tail = [("Relu", ["GO(0)"], ["go_positive"], None),
-                ("Mul", ["go_positive", "mask_f"], ["GI(0)"], None)]
+        tail = [
+            ("Relu", ["GO(0)"], ["go_positive"], None),
+            ("Mul", ["go_positive", "mask_f"], ["GI(0)"], None),
+        ]
         relu = [*relu_mask, *tail]
         clip = [*clip_mask, *tail]
     elif rule == "deconvnet":

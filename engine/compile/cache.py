@@ -30,8 +30,13 @@ def cache_dir() -> Path:
 
 def cache_key(mf: ModelFile, rule: str, layer: str | None) -> str:
     parts = {
-        "model": mf.sha256, "rule": rule, "layer": layer, "compiler": COMPILER_VERSION,
-        "onnxplain": __version__, "builder": builder.BUILDER_REQUIREMENTS, "onnx": onnx.__version__,
+        "model": mf.sha256,
+        "rule": rule,
+        "layer": layer,
+        "compiler": COMPILER_VERSION,
+        "onnxplain": __version__,
+        "builder": builder.BUILDER_REQUIREMENTS,
+        "onnx": onnx.__version__,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:32]
 

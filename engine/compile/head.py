@@ -30,8 +30,10 @@ def add_head(model: onnx.ModelProto, logits: str, num_classes: int, batch_dim) -
     g = model.graph
     g.input.append(helper.make_tensor_value_info(CLASS_WEIGHTS, TensorProto.FLOAT, [batch_dim, num_classes]))
     g.input.append(helper.make_tensor_value_info(OUTPUT_MIX, TensorProto.FLOAT, [3]))
+
     def init(name, arr):
         g.initializer.append(numpy_helper.from_array(np.asarray(arr), name))
+
     for i in range(3):
         init(f"onnxplain/mix_index_{i}", np.array(i, np.int64))
     init("onnxplain/axis_1", np.array([1], np.int64))
@@ -42,7 +44,9 @@ def add_head(model: onnx.ModelProto, logits: str, num_classes: int, batch_dim) -
     terms = []
     for i, src in enumerate([logits, "onnxplain/prob", "onnxplain/log_prob"]):
         nodes += [
-            helper.make_node("Gather", [OUTPUT_MIX, f"onnxplain/mix_index_{i}"], [f"onnxplain/mix_{i}"], axis=0),
+            helper.make_node(
+                "Gather", [OUTPUT_MIX, f"onnxplain/mix_index_{i}"], [f"onnxplain/mix_{i}"], axis=0
+            ),
             helper.make_node("Mul", [src, f"onnxplain/mix_{i}"], [f"onnxplain/term_{i}"]),
         ]
         terms.append(f"onnxplain/term_{i}")
@@ -79,8 +83,25 @@ def add_tap(model: onnx.ModelProto, tensor: str, dims: list) -> None:
 
 
 # Ops that keep a feature map a feature map: the Grad-CAM layer search walks through them.
-_ELEMENTWISE = {"Relu", "Clip", "Sigmoid", "Tanh", "LeakyRelu", "Elu", "HardSwish", "HardSigmoid",
-                "BatchNormalization", "Mul", "Add", "Identity", "Gelu", "Erf", "Div", "Selu", "PRelu"}
+_ELEMENTWISE = {
+    "Relu",
+    "Clip",
+    "Sigmoid",
+    "Tanh",
+    "LeakyRelu",
+    "Elu",
+    "HardSwish",
+    "HardSigmoid",
+    "BatchNormalization",
+    "Mul",
+    "Add",
+    "Identity",
+    "Gelu",
+    "Erf",
+    "Div",
+    "Selu",
+    "PRelu",
+}
 
 
 def last_feature_map(model: onnx.ModelProto, shapes: dict, layout: str | None) -> str:

@@ -56,8 +56,11 @@ def relu_grad(node, ctx):
     dy, x = node.input
     mask, mask_f = ctx.fresh("relu_mask"), ctx.fresh("relu_mask_f")
     # Mul by a float mask: faster than Where(mask, dY, 0) in onnxruntime
-    return [make("Greater", [x, _zero(ctx)], [mask]), make("Cast", [mask], [mask_f], to=TensorProto.FLOAT),
-            make("Mul", [dy, mask_f], node.output)]
+    return [
+        make("Greater", [x, _zero(ctx)], [mask]),
+        make("Cast", [mask], [mask_f], to=TensorProto.FLOAT),
+        make("Mul", [dy, mask_f], node.output),
+    ]
 
 
 @lowering("SigmoidGrad")
@@ -268,20 +271,45 @@ def _transpose_to_input(ctx, dy, x, kernel, kernel_eff, strides, dilations, grou
             full = s * (size_out - 1) + k
             end_pads.append(max(full - pb - size, 0))
             out_pad.append(max(pb + size - full, 0))
-        return [make("ConvTranspose", [dy, kernel], [out_name], pads=list(begin) + end_pads,
-                     output_padding=out_pad, **common)]
+        return [
+            make(
+                "ConvTranspose",
+                [dy, kernel],
+                [out_name],
+                pads=list(begin) + end_pads,
+                output_padding=out_pad,
+                **common,
+            )
+        ]
     # Dynamic spatial dims: the full transposed convolution (plus s-1 so nothing is short), then
     # a Slice of X's spatial size starting at the begin pads.
     full, shape, sizes, ends = (ctx.fresh(k) for k in ("convT_full", "x_shape", "x_spatial", "ends"))
     return [
-        make("ConvTranspose", [dy, kernel], [full], pads=[0] * 2 * n,
-             output_padding=[s - 1 for s in strides], **common),
+        make(
+            "ConvTranspose",
+            [dy, kernel],
+            [full],
+            pads=[0] * 2 * n,
+            output_padding=[s - 1 for s in strides],
+            **common,
+        ),
         make("Shape", [x], [shape]),
-        make("Slice", [shape, ctx.const(np.array([2], np.int64)), ctx.const(np.array([2 + n], np.int64))],
-             [sizes]),
+        make(
+            "Slice",
+            [shape, ctx.const(np.array([2], np.int64)), ctx.const(np.array([2 + n], np.int64))],
+            [sizes],
+        ),
         make("Add", [sizes, ctx.const(np.array(begin, np.int64))], [ends]),
-        make("Slice", [full, ctx.const(np.array(begin, np.int64)), ends,
-                       ctx.const(np.arange(2, 2 + n, dtype=np.int64))], [out_name]),
+        make(
+            "Slice",
+            [
+                full,
+                ctx.const(np.array(begin, np.int64)),
+                ends,
+                ctx.const(np.arange(2, 2 + n, dtype=np.int64)),
+            ],
+            [out_name],
+        ),
     ]
 
 
@@ -290,8 +318,10 @@ def conv_grad(node, ctx):
     dy, x, w = node.input[:3]
     extra = [o for o in node.output[1:] if o]
     if extra:
-        raise LoweringError(f"node {node.name!r}: weight gradients requested ({extra}); "
-                            "onnxplain differentiates with respect to the input only")
+        raise LoweringError(
+            f"node {node.name!r}: weight gradients requested ({extra}); "
+            "onnxplain differentiates with respect to the input only"
+        )
     a = attrs(node)
     w_value = ctx.const_value(w)
     kernel = list(a.get("kernel_shape") or (w_value.shape[2:] if w_value is not None else []))
@@ -315,8 +345,17 @@ def conv_grad(node, ctx):
             wg = w_value.reshape(group, c_out // group, c_in_g, *w_value.shape[2:])
             wt = np.swapaxes(wg, 1, 2).reshape(group * c_in_g, c_out // group, *w_value.shape[2:])
             wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
-            return [make("Conv", [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")], [out],
-                         pads=conv_pads, dilations=dilations, group=group, strides=[1] * n)]
+            return [
+                make(
+                    "Conv",
+                    [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")],
+                    [out],
+                    pads=conv_pads,
+                    dilations=dilations,
+                    group=group,
+                    strides=[1] * n,
+                )
+            ]
     return _transpose_to_input(ctx, dy, x, w, kernel_eff, strides, dilations, group, begin, out)
 
 
@@ -332,17 +371,28 @@ def conv_transpose_grad(node, ctx):
     if (auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad) not in ("NOTSET", "") or (
         a.get("output_shape")
     ):
-        raise LoweringError(f"node {node.name!r}: ConvTranspose with auto_pad or output_shape is not "
-                            "supported; export it with explicit pads")
+        raise LoweringError(
+            f"node {node.name!r}: ConvTranspose with auto_pad or output_shape is not "
+            "supported; export it with explicit pads"
+        )
     w_value = ctx.const_value(w)
     kernel = list(a.get("kernel_shape") or (w_value.shape[2:] if w_value is not None else []))
     n = len(kernel)
     pads = list(a.get("pads", [0] * 2 * n))
     out_pad = list(a.get("output_padding", [0] * n))
     end = [max(pe - op, 0) for pe, op in zip(pads[n:], out_pad)]
-    return [make("Conv", [dy, w], [node.output[0]], pads=pads[:n] + end,
-                 strides=list(a.get("strides", [1] * n)), dilations=list(a.get("dilations", [1] * n)),
-                 group=int(a.get("group", 1)), kernel_shape=kernel)]
+    return [
+        make(
+            "Conv",
+            [dy, w],
+            [node.output[0]],
+            pads=pads[:n] + end,
+            strides=list(a.get("strides", [1] * n)),
+            dilations=list(a.get("dilations", [1] * n)),
+            group=int(a.get("group", 1)),
+            kernel_shape=kernel,
+        )
+    ]
 
 
 def _forward_input_of(ctx, node, op_type: str, match) -> str:
@@ -413,11 +463,14 @@ def average_pool_grad(node, ctx):
     spatial = ctx.spatial_static(x)
     channels = (ctx.shapes.get(x) or [None, None])[1]
     if spatial is None or not isinstance(channels, int):
-        raise LoweringError(f"node {node.name!r}: AveragePool gradient needs static channel and "
-                            f"spatial dims for {x!r}; export with a fixed input size")
+        raise LoweringError(
+            f"node {node.name!r}: AveragePool gradient needs static channel and "
+            f"spatial dims for {x!r}; export with a fixed input size"
+        )
     begin, end = _explicit_pads(a, spatial, kernel, strides, node.name)
-    div = _average_pool_divisor(spatial, kernel, strides, begin, end, a.get("ceil_mode", 0),
-                                a.get("count_include_pad", 0))
+    div = _average_pool_divisor(
+        spatial, kernel, strides, begin, end, a.get("ceil_mode", 0), a.get("count_include_pad", 0)
+    )
     inv = ctx.const((1.0 / div).astype(np.float32)[None, None], "avgpool_inv_divisor")
     ones = ctx.const(np.ones([channels, 1, *kernel], np.float32), "avgpool_ones")
     scaled = ctx.fresh("dy_scaled")
@@ -471,8 +524,12 @@ def gather_grad(node, ctx):
         make("Shape", [dy3], [target]),
         make("Expand", [idx3, target], [idx_exp]),
         make("Concat", [pre, dim, post], [zeros + "_shape"], axis=0),
-        make("ConstantOfShape", [zeros + "_shape"], [zeros],
-             value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0])),
+        make(
+            "ConstantOfShape",
+            [zeros + "_shape"],
+            [zeros],
+            value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0]),
+        ),
         make("ScatterElements", [zeros, idx_exp, dy3], [scattered], axis=1, reduction="add"),
         make("Reshape", [scattered, shape], node.output),
     ]
@@ -495,8 +552,12 @@ def slice_grad(node, ctx):
         make("Slice", [grid, *slice_args], [pos + "_nd"]),
         make("Reshape", [pos + "_nd", minus_one], [pos]),
         make("Reshape", [total, minus_one], [total + "_1"]),
-        make("ConstantOfShape", [total + "_1"], [zeros],
-             value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0])),
+        make(
+            "ConstantOfShape",
+            [total + "_1"],
+            [zeros],
+            value=helper.make_tensor("z", TensorProto.FLOAT, [1], [0]),
+        ),
         make("Reshape", [dy, minus_one], [dyf]),
         make("ScatterElements", [zeros, pos, dyf], [scat], axis=0, reduction="add"),
         make("Reshape", [scat, shape], node.output),
@@ -516,8 +577,9 @@ def broadcast_gradient_args(node, ctx):
         pad, ones, p = n(f"pad_{key}"), n(f"ones_{key}"), n(f"padded_{key}")
         nodes += [
             make("Sub", [r, rank], [pad]),
-            make("ConstantOfShape", [pad], [ones],
-                 value=helper.make_tensor("one", TensorProto.INT64, [1], [1])),
+            make(
+                "ConstantOfShape", [pad], [ones], value=helper.make_tensor("one", TensorProto.INT64, [1], [1])
+            ),
             make("Concat", [ones, name], [p], axis=0),
         ]
         padded[key] = p
@@ -551,7 +613,9 @@ def layer_norm_grad(node, ctx):
         raise LoweringError(f"node {node.name!r}: LayerNormalization gradient needs the rank of {x!r}")
     axes = list(range(axis % rank, rank))
     n = ctx.fresh
-    xc, xh, g, mg, gx, mgx, t1, t2, t3 = (n(k) for k in ("xc", "xhat", "g", "mg", "gx", "mgx", "t1", "t2", "t3"))
+    xc, xh, g, mg, gx, mgx, t1, t2, t3 = (
+        n(k) for k in ("xc", "xhat", "g", "mg", "gx", "mgx", "t1", "t2", "t3")
+    )
     return [
         make("Sub", [x, mean], [xc]),
         make("Mul", [xc, inv_std], [xh]),

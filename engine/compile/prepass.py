@@ -140,8 +140,10 @@ def _batchnorm(node, ctx, where):
             "export the model in eval mode"
         )
     if len([o for o in node.output if o]) > 1 or attrs(node).get("training_mode", 0):
-        raise UnsupportedModelError(f"{where}: node {node.name!r} (BatchNormalization) is in "
-                                    "training mode; export the model in eval mode")
+        raise UnsupportedModelError(
+            f"{where}: node {node.name!r} (BatchNormalization) is in "
+            "training mode; export the model in eval mode"
+        )
     gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
     eps = attrs(node).get("epsilon", 1e-5)
     a = gamma / np.sqrt(sigma2 + eps)
@@ -152,10 +154,18 @@ def _batchnorm(node, ctx, where):
     bshape = [-1] + [1] * (rank - 2)
     scaled = ctx.fresh("bn_scaled")
     return [
-        helper.make_node("Mul", [x, ctx.const(a.astype(np.float32).reshape(bshape), "bn_a")],
-                         [scaled], name=node.name + "/mul"),
-        helper.make_node("Add", [scaled, ctx.const(b.astype(np.float32).reshape(bshape), "bn_b")],
-                         [node.output[0]], name=node.name + "/add"),
+        helper.make_node(
+            "Mul",
+            [x, ctx.const(a.astype(np.float32).reshape(bshape), "bn_a")],
+            [scaled],
+            name=node.name + "/mul",
+        ),
+        helper.make_node(
+            "Add",
+            [scaled, ctx.const(b.astype(np.float32).reshape(bshape), "bn_b")],
+            [node.output[0]],
+            name=node.name + "/add",
+        ),
     ]
 
 
@@ -195,8 +205,10 @@ def _gelu(node, ctx, where):
             helper.make_node("Erf", [inner], [s]),
         ]
     one_plus = f("one_plus")
-    nodes += [helper.make_node("Add", [s, c(1.0)], [one_plus]),
-              helper.make_node("Mul", [half_x, one_plus], [out])]
+    nodes += [
+        helper.make_node("Add", [s, c(1.0)], [one_plus]),
+        helper.make_node("Mul", [half_x, one_plus], [out]),
+    ]
     return nodes
 
 
@@ -232,8 +244,9 @@ def _reduce_max(node, ctx, where):
         if squeeze_axes:
             nodes.append(helper.make_node("Squeeze", [div, *squeeze_axes], [node.output[0]]))
         else:  # all axes reduced
-            nodes.append(helper.make_node("Reshape", [div, ctx.const(np.array([], np.int64))],
-                                          [node.output[0]]))
+            nodes.append(
+                helper.make_node("Reshape", [div, ctx.const(np.array([], np.int64))], [node.output[0]])
+            )
     return nodes
 
 

@@ -64,24 +64,43 @@ def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
     feeds = {
         mf.input_name: rng.uniform(0, 1, size=dims).astype(np.float32),
         head.CLASS_WEIGHTS: np.eye(mf.num_classes, dtype=np.float32)[
-            rng.integers(0, mf.num_classes, CHECK_BATCH)],
+            rng.integers(0, mf.num_classes, CHECK_BATCH)
+        ],
         head.OUTPUT_MIX: np.array([0.3, 0.5, 0.2], np.float32),
     }
     outputs = [info.input_gradient, info.scores]
     if info.tap:
-        tap_dims = [d.dim_value for d in next(
-            i for i in static.graph.input if i.name == head.TAP_DELTA).type.tensor_type.shape.dim]
+        tap_dims = [
+            d.dim_value
+            for d in next(
+                i for i in static.graph.input if i.name == head.TAP_DELTA
+            ).type.tensor_type.shape.dim
+        ]
         feeds[head.TAP_DELTA] = np.zeros(tap_dims, np.float32)
         outputs.append(info.tap_gradient)
     with tempfile.TemporaryDirectory(prefix="onnxplain-check-") as tmp:
         t = Path(tmp)
         onnx.save(static, t / "head.onnx")
-        builder.call({"op": "build", "model": str(t / "head.onnx"), "output": str(t / "grad.onnx"),
-                      "loss": head.LOSS, "wrt": [mf.input_name] + ([head.TAP_DELTA] if info.tap else []),
-                      "rule": info.rule})
+        builder.call(
+            {
+                "op": "build",
+                "model": str(t / "head.onnx"),
+                "output": str(t / "grad.onnx"),
+                "loss": head.LOSS,
+                "wrt": [mf.input_name] + ([head.TAP_DELTA] if info.tap else []),
+                "rule": info.rule,
+            }
+        )
         np.savez(t / "feeds.npz", **feeds)
-        builder.call({"op": "run", "model": str(t / "grad.onnx"), "feeds": str(t / "feeds.npz"),
-                      "outputs": outputs, "result": str(t / "ref.npz")})
+        builder.call(
+            {
+                "op": "run",
+                "model": str(t / "grad.onnx"),
+                "feeds": str(t / "feeds.npz"),
+                "outputs": outputs,
+                "result": str(t / "ref.npz"),
+            }
+        )
         reference = dict(np.load(t / "ref.npz"))
     so = ort.SessionOptions()
     so.log_severity_level = 3
