@@ -21,7 +21,7 @@ from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
 from .providers import default_providers, session_options
 
-DEFAULT_MEMORY_BUDGET = 4 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
+DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
 
 
 class InputError(ValueError):

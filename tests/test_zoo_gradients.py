@@ -94,3 +94,20 @@ def test_twins_agree_after_layout_transpose(twins):
         _, g_pt = pt.gradient(x_nchw, target, output=output)
         _, g_tf = tf_.gradient(x_nhwc, target, output=output)
         assert relative_error(g_tf.transpose(0, 3, 1, 2), g_pt) <= 1e-6, output
+
+
+def test_twins_grad_cam_agrees(twins):
+    """Same network from two frameworks: the automatic Grad-CAM layer is found in both graphs
+    (tf2onnx wraps its convolutions in transposes) and the maps agree after the layout transpose."""
+    _, _, torch_path, keras_path = twins
+    pt = engine.load(torch_path, providers=CPU)
+    tf_ = engine.load(keras_path, providers=CPU)
+    x_nchw, target = _inputs(pt, "twin", n=3, seed=4)
+    x_nhwc = x_nchw.transpose(0, 2, 3, 1).copy()
+    _, act_pt, grad_pt = pt.layer_gradient(x_nchw, target)
+    _, act_tf, grad_tf = tf_.layer_gradient(x_nhwc, target)
+    assert relative_error(act_tf.transpose(0, 3, 1, 2), act_pt) <= 1e-6
+    assert relative_error(grad_tf.transpose(0, 3, 1, 2), grad_pt) <= 1e-5
+    cam_pt = engine.explain(pt, x_nchw, "grad_cam", target=target)
+    cam_tf = engine.explain(tf_, x_nhwc, "grad_cam", target=target)
+    assert relative_error(cam_tf.transpose(0, 3, 1, 2), cam_pt) <= 1e-5

@@ -23,7 +23,7 @@ from .lower import LoweringError, lower
 from .prepass import UnsupportedModelError, prepass
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "2"
+COMPILER_VERSION = "3"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 

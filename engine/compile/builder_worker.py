@@ -45,10 +45,13 @@ def _register_rule(C, rule):
     # on EfficientNet-Lite0 (onnxruntime's Where takes a slow broadcasting path).
     zero = ("Constant", [], ["zero"], attr_zero())
     to_float = ("Cast", ["mask"], ["mask_f"], {"to": {"value": 1, "dtype": "int"}})
-    relu_mask = [zero, ("Greater", ["I(0)", "zero"], ["mask"], None), to_float]
+    # Masks read the forward OUTPUT: clip(x) lies strictly inside (min, max) exactly when x does,
+    # and leaving the pre-activation with a single consumer keeps onnxruntime's Conv+Clip fusion
+    # (and its NCHWc layout) intact in the forward half of the gradient graph.
+    relu_mask = [zero, ("Greater", ["O(0)", "zero"], ["mask"], None), to_float]
     clip_mask = [
-        ("Greater", ["I(0)", "I(1)"], ["above_min"], None),
-        ("Less", ["I(0)", "I(2)"], ["below_max"], None),
+        ("Greater", ["O(0)", "I(1)"], ["above_min"], None),
+        ("Less", ["O(0)", "I(2)"], ["below_max"], None),
         ("And", ["above_min", "below_max"], ["mask"], None),
         to_float,
     ]
