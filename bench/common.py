@@ -130,9 +130,11 @@ def print_table(rows: list[Row]) -> None:
     header = f"{'method':22s} {'peer':30s} {'ours s':>9s} {'peer s':>9s} {'ratio':>7s} {'target':>8s}"
     print(header + f" {'met':>4s} {'max|d|/max|ref|':>16s} {'|d|/|ref|':>10s}")
     for r in rows:
-        print(f"{r.name:22s} {r.peer:30s} {r.ours_s:9.3f} {r.peer_s:9.3f} {r.ratio:7.3f} "
-              f"{'<= ' + format(r.target, 'g'):>8s} {'yes' if r.met else 'NO':>4s} "
-              f"{r.rel_diff:16.2e} {r.rel_l2:10.2e}")
+        print(
+            f"{r.name:22s} {r.peer:30s} {r.ours_s:9.3f} {r.peer_s:9.3f} {r.ratio:7.3f} "
+            f"{'<= ' + format(r.target, 'g'):>8s} {'yes' if r.met else 'NO':>4s} "
+            f"{r.rel_diff:16.2e} {r.rel_l2:10.2e}"
+        )
     for r in rows:
         if r.note:
             print(f"{r.name}: {r.note}")

@@ -103,8 +103,10 @@ def main(argv=None) -> dict:
     )
     results["onnxruntime_training"] = statistics.median(answer["seconds"])
 
-    print(f"EfficientNet-Lite0 224x224, batch {args.batch} (onnxplain chunks of {clf.batch_size}), "
-          f"{args.threads} threads, median of {args.repeats}")
+    print(
+        f"EfficientNet-Lite0 224x224, batch {args.batch} (onnxplain chunks of {clf.batch_size}), "
+        f"{args.threads} threads, median of {args.repeats}"
+    )
     print(f"{'what':40s} {'seconds':>8s} {'ratio':>8s}")
     rows = [
         ("forward only (onnxplain predict)", results["forward"], None),

@@ -45,10 +45,16 @@ AGI_EPS = 0.05
 GIG_FRACTION = 0.25
 GIG_MAX_DIST = 0.02
 # Per benchmark: full-size defaults, the --quick sizes, and the ratio ours / peer to reach.
-FULL = {"ig": {"images": 4, "steps": 64}, "agi": {"images": 1, "steps": 20, "classes": 20},
-        "guided_ig": {"images": 8, "steps": 200}}
-QUICK = {"ig": {"images": 1, "steps": 8}, "agi": {"images": 1, "steps": 3, "classes": 3},
-         "guided_ig": {"images": 1, "steps": 8}}
+FULL = {
+    "ig": {"images": 4, "steps": 64},
+    "agi": {"images": 1, "steps": 20, "classes": 20},
+    "guided_ig": {"images": 8, "steps": 200},
+}
+QUICK = {
+    "ig": {"images": 1, "steps": 8},
+    "agi": {"images": 1, "steps": 3, "classes": 3},
+    "guided_ig": {"images": 1, "steps": 8},
+}
 TARGETS = {"ig": 0.3, "agi": 0.1, "guided_ig": 0.2}
 
 
@@ -97,8 +103,14 @@ def captum_ig(net, x: np.ndarray, target: np.ndarray, steps: int) -> np.ndarray:
 
     ig = IntegratedGradients(lambda inp: torch.softmax(net(inp), dim=1))
     xt = torch.from_numpy(x)
-    attr = ig.attribute(xt, baselines=torch.zeros_like(xt), target=target.tolist(), n_steps=steps,
-                        method="gausslegendre", internal_batch_size=CAPTUM_BATCH)
+    attr = ig.attribute(
+        xt,
+        baselines=torch.zeros_like(xt),
+        target=target.tolist(),
+        n_steps=steps,
+        method="gausslegendre",
+        internal_batch_size=CAPTUM_BATCH,
+    )
     return attr.detach().numpy()
 
 
@@ -108,14 +120,31 @@ def bench_ig(setup: Setup, images: int, steps: int) -> Row:
     x, target = shared_batch(setup, images)
 
     def ours(n_steps=steps):
-        return engine.explain(setup.clf, x, "integrated_gradients", target=target, output="probability",
-                              baseline="black", steps=n_steps, rule="gausslegendre")
+        return engine.explain(
+            setup.clf,
+            x,
+            "integrated_gradients",
+            target=target,
+            output="probability",
+            baseline="black",
+            steps=n_steps,
+            rule="gausslegendre",
+        )
 
     ours_s, ours_map = median_seconds(ours, setup.repeats, warmup=lambda: ours(2))
-    peer_s, peer_map = median_seconds(lambda: captum_ig(setup.net, x, target, steps), setup.repeats,
-                                      warmup=lambda: captum_ig(setup.net, x, target, 2))
-    return Row("integrated_gradients", f"captum IG (batch {CAPTUM_BATCH})", ours_s, peer_s,
-               TARGETS["ig"], *agreement(ours_map, peer_map))
+    peer_s, peer_map = median_seconds(
+        lambda: captum_ig(setup.net, x, target, steps),
+        setup.repeats,
+        warmup=lambda: captum_ig(setup.net, x, target, 2),
+    )
+    return Row(
+        "integrated_gradients",
+        f"captum IG (batch {CAPTUM_BATCH})",
+        ours_s,
+        peer_s,
+        TARGETS["ig"],
+        *agreement(ours_map, peer_map),
+    )
 
 
 # ---------------------------------------------------------------- AGI vs the reference loop
@@ -195,10 +224,15 @@ def reference_agi(model, x: np.ndarray, target: np.ndarray, classes: list[int], 
 def same_gradient_note(ours: np.ndarray, same: np.ndarray, what: str) -> str:
     """The agreement with the peer's algorithm fed onnxplain's gradients, and what it means."""
     diff, l2 = agreement(ours, same)
-    verdict = ("same algorithm: the gap to the torch-fed peer is float32 gradient noise" if diff < 1e-4
-               else "ALGORITHMS DIFFER")
-    return (f"{what} vs the peer fed onnxplain's gradients: max|d|/max|ref| {diff:.2e}, "
-            f"|d|/|ref| {l2:.2e} ({verdict})")
+    verdict = (
+        "same algorithm: the gap to the torch-fed peer is float32 gradient noise"
+        if diff < 1e-4
+        else "ALGORITHMS DIFFER"
+    )
+    return (
+        f"{what} vs the peer fed onnxplain's gradients: max|d|/max|ref| {diff:.2e}, "
+        f"|d|/|ref| {l2:.2e} ({verdict})"
+    )
 
 
 def bench_agi(setup: Setup, images: int, steps: int, classes: int) -> Row:
@@ -209,19 +243,38 @@ def bench_agi(setup: Setup, images: int, steps: int, classes: int) -> Row:
     peer = TorchAGIModel(setup.net)
 
     def ours(n_steps=steps, class_ids=ids, rows=slice(None)):
-        return engine.explain(setup.clf, x[rows], "agi", target=target[rows], output="probability",
-                              classes=class_ids, eps=AGI_EPS, max_steps=n_steps, accumulate=False,
-                              path="steepest")
+        return engine.explain(
+            setup.clf,
+            x[rows],
+            "agi",
+            target=target[rows],
+            output="probability",
+            classes=class_ids,
+            eps=AGI_EPS,
+            max_steps=n_steps,
+            accumulate=False,
+            path="steepest",
+        )
 
     ours_s, ours_map = median_seconds(ours, setup.repeats, warmup=lambda: ours(2, ids[:2]))
-    peer_s, peer_map = median_seconds(lambda: reference_agi(peer, x, target, ids, steps), setup.repeats,
-                                      warmup=lambda: reference_agi(peer, x, target, ids[:1], 2))
+    peer_s, peer_map = median_seconds(
+        lambda: reference_agi(peer, x, target, ids, steps),
+        setup.repeats,
+        warmup=lambda: reference_agi(peer, x, target, ids[:1], 2),
+    )
     # untimed: image 0 and two classes keep the single-row onnx loop short
     few = [c for c in ids if c != target[0]][:2]
     same = reference_agi(OnnxAGIModel(setup.clf), x[:1].astype(np.float64), target[:1], few, steps)
     note = same_gradient_note(ours(class_ids=few, rows=slice(0, 1)), same, f"image 0, classes {few}")
-    return Row("agi", "torch loop (reference code)", ours_s, peer_s, TARGETS["agi"],
-               *agreement(ours_map, peer_map), note=note)
+    return Row(
+        "agi",
+        "torch loop (reference code)",
+        ours_s,
+        peer_s,
+        TARGETS["agi"],
+        *agreement(ours_map, peer_map),
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------- Guided IG vs PAIR saliency
@@ -286,9 +339,17 @@ def pair_guided_ig(callback, x: np.ndarray, target: np.ndarray, steps: int) -> n
     method, maps = GuidedIG(), []
     with pair_numpy2_shim():
         for image, label in zip(x.transpose(0, 2, 3, 1), target.tolist(), strict=True):
-            maps.append(method.GetMask(image, callback, call_model_args={"class": label},
-                                       x_baseline=np.zeros_like(image), x_steps=steps,
-                                       fraction=GIG_FRACTION, max_dist=GIG_MAX_DIST))
+            maps.append(
+                method.GetMask(
+                    image,
+                    callback,
+                    call_model_args={"class": label},
+                    x_baseline=np.zeros_like(image),
+                    x_steps=steps,
+                    fraction=GIG_FRACTION,
+                    max_dist=GIG_MAX_DIST,
+                )
+            )
     return np.stack(maps).transpose(0, 3, 1, 2)
 
 
@@ -299,16 +360,35 @@ def bench_guided_ig(setup: Setup, images: int, steps: int) -> Row:
     peer = torch_call_model_function(setup.net)
 
     def ours(n_steps=steps):
-        return engine.explain(setup.clf, x, "guided_ig", target=target, output="probability",
-                              baseline="black", steps=n_steps, fraction=GIG_FRACTION, max_dist=GIG_MAX_DIST)
+        return engine.explain(
+            setup.clf,
+            x,
+            "guided_ig",
+            target=target,
+            output="probability",
+            baseline="black",
+            steps=n_steps,
+            fraction=GIG_FRACTION,
+            max_dist=GIG_MAX_DIST,
+        )
 
     ours_s, ours_map = median_seconds(ours, setup.repeats, warmup=lambda: ours(2))
-    peer_s, peer_map = median_seconds(lambda: pair_guided_ig(peer, x, target, steps), setup.repeats,
-                                      warmup=lambda: pair_guided_ig(peer, x[:1], target[:1], 2))
+    peer_s, peer_map = median_seconds(
+        lambda: pair_guided_ig(peer, x, target, steps),
+        setup.repeats,
+        warmup=lambda: pair_guided_ig(peer, x[:1], target[:1], 2),
+    )
     same = pair_guided_ig(onnx_call_model_function(setup.clf), x[:1], target[:1], steps)  # untimed
     note = same_gradient_note(ours_map[:1], same, "image 0")
-    return Row("guided_ig", "PAIR GuidedIG (1 image/call)", ours_s, peer_s, TARGETS["guided_ig"],
-               *agreement(ours_map, peer_map), note=note)
+    return Row(
+        "guided_ig",
+        "PAIR GuidedIG (1 image/call)",
+        ours_s,
+        peer_s,
+        TARGETS["guided_ig"],
+        *agreement(ours_map, peer_map),
+        note=note,
+    )
 
 
 # ---------------------------------------------------------------- driver
@@ -358,13 +438,18 @@ def main(argv=None) -> list[Row]:
     args = parse_args(argv)
     work = prepare_workdir(args.workdir)
     setup = make_setup(args, work)
-    print(f"EfficientNet-Lite0 224x224, CPU, {args.threads} threads, median of {args.repeats}, "
-          f"output=probability, black baseline; AGI eps={AGI_EPS}, accumulate=False, spaced classes; "
-          f"Guided IG fraction={GIG_FRACTION}, max_dist={GIG_MAX_DIST}")
+    print(
+        f"EfficientNet-Lite0 224x224, CPU, {args.threads} threads, median of {args.repeats}, "
+        f"output=probability, black baseline; AGI eps={AGI_EPS}, accumulate=False, spaced classes; "
+        f"Guided IG fraction={GIG_FRACTION}, max_dist={GIG_MAX_DIST}"
+    )
     rows = run(args, setup)
     print_table(rows)
-    record = {"args": vars(args), "sizes": {n: sizes(args, n) for n in args.only},
-              "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in rows]}
+    record = {
+        "args": vars(args),
+        "sizes": {n: sizes(args, n) for n in args.only},
+        "rows": [asdict(r) | {"ratio": r.ratio, "met": r.met} for r in rows],
+    }
     (work / "methods_bench.json").write_text(json.dumps(record, indent=2))
     return rows
 

@@ -49,8 +49,11 @@ CONV_CASES = [
     case(lambda: nn.Conv2d(4, 4, 3, groups=4, stride=2, padding=1), (4, 7, 7), id="conv-depthwise-s2"),
     case(lambda: nn.Conv2d(4, 4, 3, groups=4, padding=1), (4, 7, 7), id="conv-depthwise-s1"),
     case(lambda: nn.Conv2d(4, 4, 1, groups=4, stride=2), (4, 7, 7), id="conv-depthwise-k1-s2-crop"),
-    case(lambda: nn.Conv2d(4, 4, 3, groups=4, stride=2, dilation=2, padding=2), (4, 9, 9),
-         id="conv-depthwise-s2-dilation"),
+    case(
+        lambda: nn.Conv2d(4, 4, 3, groups=4, stride=2, dilation=2, padding=2),
+        (4, 9, 9),
+        id="conv-depthwise-s2-dilation",
+    ),
     case(lambda: nn.Conv2d(4, 8, 3, groups=4, stride=3), (4, 10, 10), id="conv-depthwise-multiplier-s3"),
     case(lambda: nn.Conv1d(4, 4, 3, groups=4, stride=2, padding=1), (4, 11), id="conv1d-depthwise-s2"),
     case(lambda: nn.Conv2d(3, 4, 3, padding="same"), (3, 6, 6), id="conv-same"),
