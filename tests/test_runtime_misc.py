@@ -1,0 +1,104 @@
+"""Provider choice, the explain command's record, and metadata round trips."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+
+import engine
+from engine import metadata, providers
+from tests.gradcheck import export
+
+
+def test_cuda_is_chosen_only_when_a_device_answers(monkeypatch):
+    monkeypatch.delenv("ONNXPLAIN_PROVIDERS", raising=False)
+    monkeypatch.setattr(
+        providers.ort, "get_available_providers", lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    )
+    monkeypatch.setattr(providers, "cuda_device_present", lambda: True)
+    assert providers.default_providers() == ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    monkeypatch.setattr(providers, "cuda_device_present", lambda: False)
+    assert providers.default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setattr(providers.ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    monkeypatch.setattr(providers, "cuda_device_present", lambda: True)
+    assert providers.default_providers() == ["CPUExecutionProvider"]
+    monkeypatch.setenv("ONNXPLAIN_PROVIDERS", "CPUExecutionProvider")
+    assert providers.default_providers() == ["CPUExecutionProvider"]
+
+
+def test_this_machine_reports_the_providers_in_use(tmp_path):
+    import torch.nn as nn
+
+    clf = engine.load(export(nn.Sequential(nn.Linear(4, 3)), (4,), tmp_path))
+    assert clf.providers[-1] == "CPUExecutionProvider"
+    if not providers.cuda_device_present():
+        assert clf.providers == ["CPUExecutionProvider"]
+
+
+def test_metadata_round_trip_and_bad_values():
+    m = onnx.ModelProto()
+    info = metadata.ModelInfo(
+        layout="NHWC",
+        input_range=(0.0, 255.0),
+        labels=["a", "b"],
+        preprocessing={"mean": [0.5]},
+        source_framework="keras",
+    )
+    metadata.write(m, info)
+    back = metadata.read(m)
+    assert back.layout == "NHWC" and back.input_range == (0.0, 255.0) and back.labels == ["a", "b"]
+    m.metadata_props.add(key="onnxplain.layout", value='"HWC"')
+    with pytest.raises(ValueError, match="NCHW or NHWC"):
+        metadata.read(m)
+
+
+def test_cli_explain_writes_maps_and_a_reproducible_record(tmp_path):
+    import torch
+    import torch.nn as nn
+    from PIL import Image
+
+    from engine.cli import main
+    from exporters import torch as torch_export
+
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    ).eval()
+    path = tmp_path / "m.onnx"
+    torch_export.export(net, path, input_shape=(3, 16, 16), labels=["x", "y", "z"])
+    img = tmp_path / "img.png"
+    Image.fromarray((np.random.default_rng(0).uniform(0, 255, (20, 24, 3))).astype(np.uint8)).save(img)
+    out = tmp_path / "maps.npz"
+    assert (
+        main(
+            [
+                "explain",
+                str(path),
+                str(img),
+                "-m",
+                "integrated_gradients",
+                "-o",
+                str(out),
+                "--params",
+                '{"steps": 8}',
+                "--target",
+                "1",
+            ]
+        )
+        == 0
+    )
+    data = np.load(out)
+    record = json.loads(str(data["record"]))
+    assert record["method"] == "integrated_gradients" and record["params"] == {"steps": 8}
+    again = engine.explain(
+        engine.load(path),
+        data["inputs"],
+        record["method"],
+        target=record["target"],
+        output=record["output"],
+        **record["params"],
+    )
+    np.testing.assert_array_equal(again, data["attributions"])
+    assert main(["explain", str(path), str(img), "-m", "no_such_method", "-o", str(tmp_path / "x.npz")]) == 2
+    assert not (tmp_path / "x.npz").exists()
