@@ -257,3 +257,18 @@ class ConvNet(AnalyticClassifier):
         if self.layout == "NHWC":
             return a.transpose(0, 2, 3, 1), da.transpose(0, 2, 3, 1)
         return a, da
+
+
+# Small, fast settings for every method: the sanity, batching and seed tests run all of them.
+SMALL_PARAMS = {
+    "saliency": {},
+    "gradient_x_input": {},
+    "smoothgrad": {"samples": 5},
+    "integrated_gradients": {"steps": 9},
+    "blur_ig": {"steps": 9, "max_sigma": 4},
+    "guided_ig": {"steps": 9},
+    "agi": {"classes": 3, "max_steps": 5},
+    "guided_backprop": {},
+    "deconvnet": {},
+    "grad_cam": {},
+}

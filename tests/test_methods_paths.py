@@ -12,9 +12,9 @@ from engine.methods.idgi import idgi, idgi_step
 from engine.methods.quadrature import RULES, alphas_and_weights
 
 try:
-    from analytic import ConvNet, LinearSoftmax, TanhNet
+    from analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet
 except ImportError:  # tests/ is a package
-    from tests.analytic import ConvNet, LinearSoftmax, TanhNet
+    from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet
 
 
 def rel_err(a, b):
@@ -299,26 +299,13 @@ def test_smoothgrad_wraps_any_method_in_one_call():
 
 # -- batching and seeds across all methods -----------------------------------------------------------
 
-PARAMS = {
-    "saliency": {},
-    "gradient_x_input": {},
-    "smoothgrad": {"samples": 5},
-    "integrated_gradients": {"steps": 9},
-    "blur_ig": {"steps": 9, "max_sigma": 4},
-    "guided_ig": {"steps": 9},
-    "agi": {"classes": 3, "max_steps": 5},
-    "guided_backprop": {},
-    "deconvnet": {},
-    "grad_cam": {},
-}
-
 
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_batch_budget_does_not_change_results(method):
     results = []
     for budget in (1, 7, None):
         m = ConvNet("NHWC", activation="relu", batch_size=budget)
-        results.append(explain(m, images(m, 4), method, **PARAMS[method]))
+        results.append(explain(m, images(m, 4), method, **SMALL_PARAMS[method]))
         if budget == 7 and method not in ("grad_cam",):
             assert m.chunks["gradient"] >= m.calls["gradient"]
     np.testing.assert_allclose(results[0], results[2], rtol=1e-6, atol=1e-9)
@@ -329,7 +316,7 @@ def test_batch_budget_does_not_change_results(method):
 def test_same_seed_same_bits(method):
     m = ConvNet("NCHW", num_classes=8)
     x = images(m, 3)
-    params = dict(PARAMS[method])
+    params = dict(SMALL_PARAMS[method])
     if method == "integrated_gradients":
         params["baseline"] = "uniform"
     a = explain(m, x, method, seed=5, **params)
