@@ -288,3 +288,25 @@ def test_cli_compile_info_predict(cnn_path, tmp_path, capsys):
     assert '"num_classes": 5' in capsys.readouterr().out
     assert main(["compile", str(tmp_path / "none.onnx"), "-o", str(tmp_path / "x.onnx")]) == 2
     assert "no such model file" in capsys.readouterr().err
+
+
+def test_named_layer_tap_and_unknown_layer(cnn_path):
+    module = small_cnn()
+    clf = engine.load(cnn_path, providers=CPU)
+    first_conv = next(n.output[0] for n in onnx.load(cnn_path).graph.node if n.op_type == "Conv")
+    x = np.random.default_rng(5).uniform(0, 1, (2, 3, 8, 8)).astype(np.float32)
+    _, act, grad = clf.layer_gradient(x, [0, 3], layer=first_conv)
+    store = {}
+
+    def keep(mod, inputs, out, store=store):
+        out.retain_grad()
+        store["a"] = out
+
+    h = module[0].register_forward_hook(keep)
+    z = module(torch.tensor(x))
+    z[torch.arange(2), torch.tensor([0, 3])].sum().backward()
+    h.remove()
+    assert relative_error(act, store["a"].detach().numpy()) <= 1e-5
+    assert relative_error(grad, store["a"].grad.numpy()) <= 1e-5
+    with pytest.raises(ValueError, match="not a tensor of the model"):
+        clf.layer_gradient(x, 0, layer="no/such/tensor")
