@@ -86,7 +86,7 @@ class Classifier:
         return list(sess.get_providers())
 
     # ------------------------------------------------------------------ calls
-    def predict(self, x) -> np.ndarray:
+    def predict(self, x: np.ndarray) -> np.ndarray:
         """Logits (N, K), float32."""
         x = self._check_x(x)
         sess = self._session("forward")
@@ -95,7 +95,9 @@ class Classifier:
             out[s] = sess.run([self._mf.output_name], {self._mf.input_name: x[s]})[0]
         return out
 
-    def gradient(self, x, target, output: str = "logit", rule: str = "gradient"):
+    def gradient(
+        self, x: np.ndarray, target, output: str = "logit", rule: str = "gradient"
+    ) -> tuple[np.ndarray, np.ndarray]:
         """(scores (N,), d score / d x shaped like x) for the target class of each row."""
         x = self._check_x(x)
         targets = self._check_target(target, len(x))
@@ -110,7 +112,9 @@ class Classifier:
             scores[s], grads[s] = sc, gr
         return scores, grads
 
-    def layer_gradient(self, x, target, output: str = "logit", layer: str | None = None):
+    def layer_gradient(
+        self, x: np.ndarray, target, output: str = "logit", layer: str | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(scores (N,), activation of ``layer``, d score / d activation). layer=None: the last
         convolutional feature map, in the model's layout; a named tensor comes as the graph
         holds it."""

@@ -81,7 +81,7 @@ def compile_model(
     shapes = infer_shapes(fwd)
     tap = None
     if layer is not None:
-        tap = head.last_feature_map(fwd, shapes, None) if layer == "auto" else layer
+        tap = head.last_feature_map(fwd, shapes) if layer == "auto" else layer
         if tap not in shapes:
             known = [n.output[0] for n in fwd.graph.node if n.op_type == "Conv"][-5:]
             raise ValueError(

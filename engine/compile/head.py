@@ -104,7 +104,7 @@ _ELEMENTWISE = {
 }
 
 
-def last_feature_map(model: onnx.ModelProto, shapes: dict, layout: str | None) -> str:
+def last_feature_map(model: onnx.ModelProto, shapes: dict) -> str:
     """The last convolutional feature map: the output of the last Conv followed through the
     element-wise ops (activation, BatchNorm) that keep its shape."""
     g = model.graph
