@@ -310,3 +310,25 @@ def test_named_layer_tap_and_unknown_layer(cnn_path):
     assert relative_error(grad, store["a"].grad.numpy()) <= 1e-5
     with pytest.raises(ValueError, match="not a tensor of the model"):
         clf.layer_gradient(x, 0, layer="no/such/tensor")
+
+
+def test_conv_masks_are_exact_at_the_clip_bounds(tmp_path):
+    """The speed rewrite (activation masks as Conv+Clip, opset 13) must keep ReLU6's exclusive
+    bounds: pre-activations exactly at 0 and 6, and tiny ones next to them."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.ReLU6(), nn.Flatten(), nn.Linear(8, 3)).eval()
+    clf = engine.load(export(module, (2, 2, 2), tmp_path), providers=CPU)
+    x = np.array([[[[0.0, 6.0], [3.0, -1.0]], [[1e-30, 6 - 4.8e-7], [7.0, -1e-30]]]], np.float32)
+    _, grads = clf.gradient(x, 1)
+    _, ref = torch_gradient(module, x, np.array([1]))
+    np.testing.assert_array_equal(grads, ref)
+    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    assert [i.version for i in model.opset_import if i.domain == ""] == [13]
+    assert sum(n.op_type == "Conv" for n in model.graph.node) == 2  # the two mask factors
+
+
+def test_opset_stays_where_an_op_changed_meaning(zoo_onnx):
+    clf = engine.load(zoo_onnx("tiny_vit_erf"), providers=CPU)
+    clf.gradient(np.zeros((1, *clf.input_shape), np.float32), 0)
+    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    assert [i.version for i in model.opset_import if i.domain == ""] != [13]

@@ -18,12 +18,19 @@ import onnx
 from .. import __version__
 from ..modelfile import ModelFile, read_model
 from . import builder, head
-from .graph import eliminate_dead_code, infer_shapes, prune_opset_imports, topological_sort
+from .graph import (
+    eliminate_dead_code,
+    infer_shapes,
+    opset_version,
+    prune_opset_imports,
+    topological_sort,
+)
 from .lower import LoweringError, lower
+from .optimize import conv_masks, lower_opset_to_13
 from .prepass import UnsupportedModelError, prepass
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "3"
+COMPILER_VERSION = "4"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -94,6 +101,7 @@ def compile_model(
         lowered_ops = lower(built, full_shapes)
     except LoweringError as e:
         raise LoweringError(f"{where}: {e}") from e
+    conv_masks(built, full_shapes)
     info = CompiledInfo(
         rule=rule,
         input=mf.input_name,
@@ -208,6 +216,7 @@ def _finish(built: onnx.ModelProto, info: CompiledInfo, mf: ModelFile) -> None:
     eliminate_dead_code(built)
     topological_sort(built)
     prune_opset_imports(built)
+    lower_opset_to_13(built, opset_version(built))
     built.ir_version = min(built.ir_version, MAX_IR_VERSION)
     del built.metadata_props[:]
     built.metadata_props.extend(mf.model.metadata_props)

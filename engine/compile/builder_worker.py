@@ -56,7 +56,9 @@ def _register_rule(C, rule):
         to_float,
     ]
     if rule == "gradient":
-        relu = None  # the builder's own ReluGrad is right (lowered to the same Mul/Cast form)
+        # the builder's own ReluGrad is right, but reads the pre-activation (breaking Conv+Relu
+        # fusion); this one reads the output like the Clip mask
+        relu = [*relu_mask, ("Mul", ["GO(0)", "mask_f"], ["GI(0)"], None)]
         clip = [*clip_mask, ("Mul", ["GO(0)", "mask_f"], ["GI(0)"], None)]
     elif rule == "guided_backprop":
         tail = [
@@ -70,8 +72,7 @@ def _register_rule(C, rule):
         clip = [("Relu", ["GO(0)"], ["GI(0)"], None)]
     else:
         raise ValueError(f"unknown backward rule {rule!r}")
-    if relu is not None:
-        C.register_gradient_definition("::Relu", nodes(relu))
+    C.register_gradient_definition("::Relu", nodes(relu))
     C.register_gradient_definition("::Clip", nodes(clip))
 
 

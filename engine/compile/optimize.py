@@ -1,0 +1,209 @@
+"""Speed rewrites of the lowered graph for onnxruntime's CPU kernels (design/lowering.md, Speed).
+
+1. Activation masks as 1x1 depthwise Convs with a fused Clip: the mask of a ReLU / ReLU6 backward
+   pass, Cast(Greater(Y, lo) and Less(Y, hi)), becomes Clip(Y·B − lo·B, 0, 1) · Clip(hi·B − Y·B, 0, 1)
+   with B a power of two. Convs, Clip and Mul keep onnxruntime's blocked NCHWc layout through the
+   backward pass, where comparisons and Cast force a layout reorder around every convolution.
+   Exact: Y is the Clip output, so Y − lo and hi − Y are >= 0 and scaled by a power of two; each
+   factor is 1 unless Y equals the bound (0 then), or lies within 2^-120 of it.
+2. Opset 13 when every op of the graph means the same there: onnxruntime's NCHWc pass only
+   rewrites Mul/Add/Relu of opset 13 and older, not the identical opset-14 versions.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from .graph import GraphContext, attrs
+
+_MAX_EXPONENT = 120  # B = 2^k with |bound| · B finite in float32 (< 2^128)
+
+
+def _scalar(ctx: GraphContext, name: str) -> float | None:
+    value = ctx.const_value(name)
+    if value is None or value.size != 1:
+        return None
+    return float(value.reshape(()))
+
+
+def _mask_bounds(ctx, cast) -> tuple[str, float, float] | None:
+    """(Y, lo, hi) when ``cast`` is Cast(Greater(Y, lo)) or Cast(And(Greater(Y, lo), Less(Y, hi)))."""
+    if cast.op_type != "Cast" or attrs(cast).get("to") != TensorProto.FLOAT:
+        return None
+    src = ctx.producers.get(cast.input[0])
+    if src is None:
+        return None
+    if src.op_type == "Greater":
+        lo = _scalar(ctx, src.input[1])
+        return None if lo is None else (src.input[0], lo, math.inf)
+    if src.op_type != "And":
+        return None
+    gt, lt = (ctx.producers.get(i) for i in src.input)
+    if gt is None or lt is None or gt.op_type != "Greater" or lt.op_type != "Less":
+        return None
+    if gt.input[0] != lt.input[0]:
+        return None
+    lo, hi = _scalar(ctx, gt.input[1]), _scalar(ctx, lt.input[1])
+    if lo is None or hi is None:
+        return None
+    return gt.input[0], lo, hi
+
+
+def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
+    """Rewrite activation masks of 4-D feature maps as Conv+Clip masks. Returns how many."""
+    ctx = GraphContext(model, shapes)
+    zero, one = ctx.const(np.float32(0), "zero"), ctx.const(np.float32(1), "one")
+    replaced: dict[str, list] = {}
+    for node in model.graph.node:
+        found = _mask_bounds(ctx, node)
+        if found is None:
+            continue
+        y, lo, hi = found
+        dims = shapes.get(y)
+        if not dims or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0:
+            continue
+        finite = [abs(b) for b in (lo, hi) if math.isfinite(b)]
+        scale = 2.0 ** (_MAX_EXPONENT - max(0, math.ceil(math.log2(max(finite + [1.0])))))
+        c = dims[1]
+        factors, nodes = [], []
+        for sign, bound in ((1.0, lo), (-1.0, hi)):
+            if not math.isfinite(bound):
+                continue
+            w = ctx.const(np.full((c, 1, 1, 1), sign * scale, np.float32), "mask_w")
+            b = ctx.const(np.full((c,), -sign * bound * scale, np.float32), "mask_b")
+            pre, f = ctx.fresh("mask_pre"), ctx.fresh("mask_factor")
+            nodes += [
+                helper.make_node("Conv", [y, w, b], [pre], group=c, kernel_shape=[1, 1]),
+                helper.make_node("Clip", [pre, zero, one], [f]),
+            ]
+            factors.append(f)
+        if len(factors) == 1:
+            nodes[-1].output[0] = node.output[0]
+        else:
+            nodes.append(helper.make_node("Mul", factors, [node.output[0]]))
+        for i, n in enumerate(nodes):
+            n.name = f"{node.name}/conv_mask_{i}"
+        replaced[node.name] = nodes
+    if not replaced:
+        return 0
+    out = []
+    for node in model.graph.node:
+        out.extend(replaced.get(node.name, [node]) if node.name else [node])
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    model.graph.initializer.extend(ctx.new_initializers)
+    return len(replaced)
+
+
+# Ops whose opset-13 definition computes the same as their newer versions for float32 tensors,
+# given the attribute / input forms checked in ``_same_at_13``.
+_OPSET13_SAFE = {
+    "Abs",
+    "Add",
+    "And",
+    "AveragePool",
+    "Cast",
+    "Clip",
+    "Concat",
+    "Constant",
+    "ConstantOfShape",
+    "Conv",
+    "ConvTranspose",
+    "Div",
+    "Equal",
+    "Erf",
+    "Exp",
+    "Expand",
+    "Flatten",
+    "Gather",
+    "Gemm",
+    "GlobalAveragePool",
+    "GlobalMaxPool",
+    "Greater",
+    "Identity",
+    "Less",
+    "Log",
+    "LogSoftmax",
+    "MatMul",
+    "Max",
+    "MaxPool",
+    "Min",
+    "Mod",
+    "Mul",
+    "Neg",
+    "NonZero",
+    "Not",
+    "Pow",
+    "Range",
+    "ReduceSum",
+    "Relu",
+    "Reshape",
+    "Shape",
+    "Sigmoid",
+    "Size",
+    "Slice",
+    "Softmax",
+    "Sqrt",
+    "Squeeze",
+    "Sub",
+    "Sum",
+    "Tanh",
+    "Transpose",
+    "Unsqueeze",
+    "Where",
+    "Pad",
+    "Split",
+}
+
+
+def _same_at_13(node: onnx.NodeProto, opset: int) -> bool:
+    a = attrs(node)
+    if node.domain not in ("", "ai.onnx") or node.op_type not in _OPSET13_SAFE:
+        return False
+    if node.op_type == "Reshape" and a.get("allowzero", 0):
+        return False
+    if node.op_type == "AveragePool" and "dilations" in a:
+        return False
+    if node.op_type == "Split" and "num_outputs" in a:
+        return False
+    if node.op_type == "Pad" and len(node.input) > 3:  # the axes input arrived in opset 18
+        return False
+    return True
+
+
+def lower_opset_to_13(model: onnx.ModelProto, opset: int) -> bool:
+    """Declare opset 13 when every op means the same there (see module docstring)."""
+    if opset <= 13 or not all(_same_at_13(n, opset) for n in model.graph.node):
+        return False
+    ctx = GraphContext(model, {})
+    out = []
+    for node in model.graph.node:
+        a = attrs(node)
+        if node.op_type == "Reshape" and "allowzero" in a:
+            keep = [x for x in node.attribute if x.name != "allowzero"]
+            del node.attribute[:]
+            node.attribute.extend(keep)
+        if node.op_type == "Shape" and ("start" in a or "end" in a):  # start/end arrived in 15
+            full = ctx.fresh("shape_full")
+            starts = ctx.const(np.array([a.get("start", 0)], np.int64), "starts")
+            ends = ctx.const(np.array([a.get("end", np.iinfo(np.int64).max)], np.int64), "ends")
+            out += [
+                helper.make_node("Shape", [node.input[0]], [full], name=node.name + "/full"),
+                helper.make_node("Slice", [full, starts, ends], list(node.output), name=node.name),
+            ]
+            continue
+        out.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    model.graph.initializer.extend(ctx.new_initializers)
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            imp.version = 13
+    return True
+
+
+__all__ = ["conv_masks", "lower_opset_to_13"]
