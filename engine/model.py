@@ -212,8 +212,10 @@ class Classifier:
         return int(max(1, min(1024, budget // max(per_example, 1))))
 
     def _chunks(self, n):
-        step = self.batch_size or n
-        return [slice(i, min(i + step, n)) for i in range(0, n, step)] or [slice(0, 0)]
+        """Equal chunks of at most ``batch_size`` rows (8 rows at a budget of 7: 4 + 4, not 7 + 1)."""
+        count = -(-n // (self.batch_size or n or 1)) or 1
+        bounds = np.linspace(0, n, count + 1).round().astype(int)
+        return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _check_x(self, x) -> np.ndarray:
         x = np.asarray(x)
