@@ -79,12 +79,6 @@ class GraphContext:
                     return numpy_helper.to_array(a.t)
         return None
 
-    def static_shape(self, name: str) -> list[int] | None:
-        dims = self.shapes.get(name)
-        if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
-            return None
-        return list(dims)
-
     def rank(self, name: str) -> int | None:
         dims = self.shapes.get(name)
         return None if dims is None else len(dims)
@@ -144,12 +138,6 @@ def prune_opset_imports(model: onnx.ModelProto) -> None:
     keep = [imp for imp in model.opset_import if (imp.domain or "") in used]
     del model.opset_import[:]
     model.opset_import.extend(keep)
-
-
-def set_opset(model: onnx.ModelProto, version: int) -> None:
-    for imp in model.opset_import:
-        if imp.domain in STANDARD_DOMAINS:
-            imp.version = version
 
 
 def topological_sort(model: onnx.ModelProto) -> None:

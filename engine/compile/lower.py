@@ -17,7 +17,6 @@ from onnx import TensorProto, helper
 from .graph import GraphContext, attrs
 
 LOWERINGS: dict[tuple[str, str], Callable] = {}
-TRAINING_DOMAINS = ("com.microsoft", "", "ai.onnx")
 
 
 class LoweringError(ValueError):
@@ -635,10 +634,6 @@ def _is_consumed(ctx, name):
 
 
 # ------------------------------------------------------------------------------------ driver
-
-
-def is_training_op(node: onnx.NodeProto) -> bool:
-    return (node.domain or "", node.op_type) in LOWERINGS or node.domain not in ("", "ai.onnx")
 
 
 def lower(model: onnx.ModelProto, shapes: dict) -> list[str]:
