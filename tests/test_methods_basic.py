@@ -240,3 +240,10 @@ def test_head_helper_matches_engine_output_scores():
     t = np.array([0, 5, 2, 2])
     for out in ["logit", "probability", "log_probability"]:
         np.testing.assert_allclose(output_scores(z, t, out), head(z, t, out)[0], rtol=1e-12)
+
+
+def test_paper_defaults_where_code_and_paper_disagree():
+    """The paper's algorithm is the default; the reference code's behaviour is an option."""
+    assert method_parameters("smoothgrad")["magnitude"] is False  # SmoothGrad paper: plain mean
+    assert method_parameters("integrated_gradients")["rule"] == "right"  # IG paper: Riemann sum
+    assert method_parameters("agi")["accumulate"] is True  # AGI paper: steepest-ascent path

@@ -24,11 +24,12 @@ def smoothgrad(
     noise_level: float = 0.15,
     noise_range: str = "image",
     samples: int = 25,
-    magnitude: bool = True,
+    magnitude: bool = False,
     seed: int | None = 0,
 ) -> np.ndarray:
     """Mean over ``samples`` noisy copies x + n, n ~ N(0, σ²) i.i.d., of ``base``'s maps
-    (squared first when ``magnitude``, PAIR's default; magnitude=False is the paper's plain mean).
+    (the paper's plain mean by default; ``magnitude=True`` squares the maps first, PAIR's
+    GetSmoothedMask default and captum's smoothgrad_sq).
 
     σ = noise_level · range, range = max(x_i) − min(x_i) over all elements of each image
     (noise_range="image", PAIR's stdev_spread) or ``input_range`` high − low ("input_range").
