@@ -272,3 +272,15 @@ SMALL_PARAMS = {
     "deconvnet": {},
     "grad_cam": {},
 }
+
+
+# Shared by the methods tests.
+
+
+def rel_err(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
+
+
+def images(model, n=3, seed=1):
+    return np.random.default_rng(seed).uniform(0, 1, (n, *model.input_shape)).astype(np.float32)

@@ -7,21 +7,7 @@ import pytest
 
 from engine.methods import METHODS, explain, method_parameters
 from engine.methods.grad_cam import upsample_bilinear
-
-try:
-    from analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, ReluNet, TanhNet, head
-except ImportError:  # tests/ is a package
-    from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, ReluNet, TanhNet, head
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
-
-def images(model, n=3, seed=1):
-    return np.random.default_rng(seed).uniform(0, 1, (n, *model.input_shape)).astype(np.float32)
-
+from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, ReluNet, TanhNet, head, images, rel_err
 
 # -- the analytic models themselves ----------------------------------------------------------------
 

@@ -10,21 +10,7 @@ from scipy import ndimage
 from engine.methods import METHODS, explain
 from engine.methods.idgi import idgi, idgi_step
 from engine.methods.quadrature import RULES, alphas_and_weights
-
-try:
-    from analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet
-except ImportError:  # tests/ is a package
-    from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return np.abs(a - b).max() / max(np.abs(b).max(), 1e-30)
-
-
-def images(model, n=3, seed=1):
-    return np.random.default_rng(seed).uniform(0, 1, (n, *model.input_shape)).astype(np.float32)
-
+from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet, images, rel_err
 
 # -- quadrature -----------------------------------------------------------------------------------
 
