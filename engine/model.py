@@ -96,21 +96,32 @@ class Classifier:
         return out
 
     def gradient(
-        self, x: np.ndarray, target, output: str = "logit", rule: str = "gradient"
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (N,), d score / d x shaped like x) for the target class of each row."""
+        self,
+        x: np.ndarray,
+        target,
+        output: str = "logit",
+        rule: str = "gradient",
+        *,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, ...]:
+        """(scores (N,), d score / d x shaped like x) for the target class of each row; with
+        ``return_logits`` also the logits (N, K) of the same forward pass (no extra predict)."""
         x = self._check_x(x)
         targets = self._check_target(target, len(x))
         mix = self._check_output(output)
         if rule not in RULES:
             raise InputError(f"unknown rule {rule!r}; use one of {RULES}")
         sess, info = self._gradient_session(rule, None)
+        names = [info.scores, info.input_gradient] + ([info.logits] if return_logits else [])
         scores = np.empty(len(x), np.float32)
         grads = np.empty_like(x)
+        logits = np.empty((len(x), self.num_classes), np.float32) if return_logits else None
         for s in self._chunks(len(x)):
-            sc, gr = sess.run([info.scores, info.input_gradient], self._feeds(x[s], targets[s], mix))
-            scores[s], grads[s] = sc, gr
-        return scores, grads
+            out = sess.run(names, self._feeds(x[s], targets[s], mix))
+            scores[s], grads[s] = out[0], out[1]
+            if return_logits:
+                logits[s] = out[2]
+        return (scores, grads, logits) if return_logits else (scores, grads)
 
     def layer_gradient(
         self, x: np.ndarray, target, output: str = "logit", layer: str | None = None

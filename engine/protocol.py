@@ -35,8 +35,11 @@ class ClassifierLike(Protocol):
         target: int | np.ndarray,
         output: Output = "logit",
         rule: Rule = "gradient",
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """(scores (N,), d score / d x shaped like x). ``target``: one int or one class per row."""
+        *,
+        return_logits: bool = False,
+    ) -> tuple[np.ndarray, ...]:
+        """(scores (N,), d score / d x shaped like x). ``target``: one int or one class per row.
+        ``return_logits``: also the logits (N, K) of the same forward pass, third."""
         ...
 
     def layer_gradient(

@@ -91,22 +91,21 @@ class AnalyticClassifier:
             out.append(self._forward(x[s])[0])
         return np.concatenate(out).astype(self.dtype)
 
-    def gradient(self, x, target, output="logit", rule="gradient"):
+    def gradient(self, x, target, output="logit", rule="gradient", *, return_logits=False):
         x = self._check(x)
         t = self._targets(target, len(x))
         self.calls["gradient"] += 1
         self.rows["gradient"] += len(x)
-        scores, grads = [], []
+        scores, grads, all_logits = [], [], []
         for s in self._split(len(x)):
             self.chunks["gradient"] += 1
             logits, cache = self._forward(x[s])
             score, dlogits = head(logits, t[s], output)
             scores.append(score)
             grads.append(self._backward(cache, dlogits, rule))
-        return (
-            np.concatenate(scores).astype(self.dtype),
-            np.concatenate(grads).astype(self.dtype),
-        )
+            all_logits.append(logits)
+        out = (np.concatenate(scores).astype(self.dtype), np.concatenate(grads).astype(self.dtype))
+        return out + (np.concatenate(all_logits).astype(self.dtype),) if return_logits else out
 
     def layer_gradient(self, x, target, output="logit", layer=None):
         x = self._check(x)

@@ -102,3 +102,18 @@ def test_cli_explain_writes_maps_and_a_reproducible_record(tmp_path):
     np.testing.assert_array_equal(again, data["attributions"])
     assert main(["explain", str(path), str(img), "-m", "no_such_method", "-o", str(tmp_path / "x.npz")]) == 2
     assert not (tmp_path / "x.npz").exists()
+
+
+def test_gradient_returns_the_logits_of_its_own_forward_pass(zoo_onnx):
+    """return_logits hands over the gradient graph's logits: the same as predict, in every chunk,
+    and the scores/gradients are those of the plain call."""
+    clf = engine.load(zoo_onnx("lenet_max"), providers=["CPUExecutionProvider"], batch_size=2)
+    x = np.random.default_rng(3).uniform(0, 1, (5, *clf.input_shape)).astype(np.float32)
+    target = np.array([0, 1, 2, 3, 4]) % clf.num_classes
+    scores, grads = clf.gradient(x, target, output="probability")
+    scores2, grads2, logits = clf.gradient(x, target, output="probability", return_logits=True)
+    reference = clf.predict(x)
+    assert logits.shape == reference.shape == (5, clf.num_classes)
+    assert np.max(np.abs(logits - reference)) <= 1e-6 * np.max(np.abs(reference))
+    np.testing.assert_array_equal(scores, scores2)
+    np.testing.assert_array_equal(grads, grads2)
