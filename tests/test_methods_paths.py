@@ -234,6 +234,18 @@ def test_guided_ig_completeness_idgi_and_zero_input():
     assert m.calls["gradient"] == 10 and m.calls["predict"] == 1  # a step each + the end score
 
 
+
+@pytest.mark.parametrize("idgi_on", [False, True])
+def test_guided_ig_threads_do_not_change_the_bits(monkeypatch, idgi_on):
+    """The per-image sub-steps run in a thread pool sized by the CPU count; one thread (no pool)
+    must give the same bits."""
+    m = ConvNet("NCHW", num_classes=5)
+    x = images(m, 4)
+    kw = dict(target=[0, 1, 2, 3], steps=15, max_dist=0.05, fraction=0.2, idgi=idgi_on)
+    pooled = explain(m, x, "guided_ig", **kw)
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    np.testing.assert_array_equal(explain(m, x, "guided_ig", **kw), pooled)
+
 # -- SmoothGrad ------------------------------------------------------------------------------------
 
 

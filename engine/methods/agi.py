@@ -137,7 +137,7 @@ def agi(
     steepest = path == "steepest"
     logits = logits0[img]  # at xp[running]; None when not yet known
     fold = False
-    for t in range(int(max_steps)):
+    for _ in range(int(max_steps)):
         if logits is None and not fold:
             logits = np.asarray(model.predict(xp[running].astype(np.float32)), dtype=np.float64)
         grads = None
