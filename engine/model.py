@@ -28,6 +28,18 @@ class InputError(ValueError):
     """Bad input to a Classifier call: the message names the shape, dtype, value or class."""
 
 
+def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:
+    """Run ``sess`` with its outputs written straight into the given contiguous numpy views (row
+    slices of the caller's result arrays): no per-call output allocation and no copy, which for
+    input gradients is a pass over as much memory as the input itself."""
+    binding = sess.io_binding()
+    for name, value in feeds.items():
+        binding.bind_cpu_input(name, value)
+    for name, dest in outputs.items():
+        binding.bind_output(name, "cpu", 0, dest.dtype, list(dest.shape), dest.ctypes.data)
+    sess.run_with_iobinding(binding)
+
+
 class Classifier:
     """An ONNX classifier with exact input gradients. Build it with ``engine.load``."""
 
@@ -92,7 +104,7 @@ class Classifier:
         sess = self._session("forward")
         out = np.empty((len(x), self.num_classes), np.float32)
         for s in self._chunks(len(x)):
-            out[s] = sess.run([self._mf.output_name], {self._mf.input_name: x[s]})[0]
+            _run_into(sess, {self._mf.input_name: x[s]}, {self._mf.output_name: out[s]})
         return out
 
     def gradient(
@@ -112,15 +124,14 @@ class Classifier:
         if rule not in RULES:
             raise InputError(f"unknown rule {rule!r}; use one of {RULES}")
         sess, info = self._gradient_session(rule, None)
-        names = [info.scores, info.input_gradient] + ([info.logits] if return_logits else [])
         scores = np.empty(len(x), np.float32)
         grads = np.empty_like(x)
         logits = np.empty((len(x), self.num_classes), np.float32) if return_logits else None
         for s in self._chunks(len(x)):
-            out = sess.run(names, self._feeds(x[s], targets[s], mix))
-            scores[s], grads[s] = out[0], out[1]
+            outputs = {info.scores: scores[s], info.input_gradient: grads[s]}
             if return_logits:
-                logits[s] = out[2]
+                outputs[info.logits] = logits[s]
+            _run_into(sess, self._feeds(x[s], targets[s], mix), outputs)
         return (scores, grads, logits) if return_logits else (scores, grads)
 
     def layer_gradient(
@@ -245,6 +256,10 @@ class Classifier:
             elif len(got) == 3 and self.layout == "NHWC" and got == (expected[2], *expected[:2]):
                 hint = "; it looks like NCHW but this model's layout is NHWC: use x.transpose(0, 2, 3, 1)"
             raise InputError(f"input shape {x.shape} does not match the model's (N, {expected}){hint}")
+        # one reduction first (NaN and Inf propagate through a sum); the elementwise scan, which
+        # names the first bad index, only when the sum is not finite (or merely overflowed)
+        if np.isfinite(x.sum(dtype=np.float64)):
+            return np.ascontiguousarray(x, dtype=np.float32)
         bad = ~np.isfinite(x)
         if bad.any():
             first = tuple(int(i) for i in np.argwhere(bad)[0])

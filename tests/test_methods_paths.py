@@ -234,7 +234,6 @@ def test_guided_ig_completeness_idgi_and_zero_input():
     assert m.calls["gradient"] == 10 and m.calls["predict"] == 1  # a step each + the end score
 
 
-
 @pytest.mark.parametrize("idgi_on", [False, True])
 def test_guided_ig_threads_do_not_change_the_bits(monkeypatch, idgi_on):
     """The per-image sub-steps run in a thread pool sized by the CPU count; one thread (no pool)
@@ -245,6 +244,7 @@ def test_guided_ig_threads_do_not_change_the_bits(monkeypatch, idgi_on):
     pooled = explain(m, x, "guided_ig", **kw)
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     np.testing.assert_array_equal(explain(m, x, "guided_ig", **kw), pooled)
+
 
 # -- SmoothGrad ------------------------------------------------------------------------------------
 
