@@ -117,7 +117,11 @@ class Classifier:
         return_logits: bool = False,
     ) -> tuple[np.ndarray, ...]:
         """(scores (N,), d score / d x shaped like x) for the target class of each row; with
-        ``return_logits`` also the logits (N, K) of the same forward pass (no extra predict)."""
+        ``return_logits`` also the logits (N, K) of the same forward pass (no extra predict).
+
+        ``target``: an int, one class per row, or class weights W (N, K) float: then the score is
+        Σ_k W[n, k] · output_k, a vector-Jacobian product through the logits in one pass (for
+        any function of the logits, feed W = its gradient w.r.t. them with output="logit")."""
         x = self._check_x(x)
         targets = self._check_target(target, len(x))
         mix = self._check_output(output)
@@ -161,8 +165,11 @@ class Classifier:
 
     # ------------------------------------------------------------------ internals
     def _feeds(self, x, targets, mix):
-        weights = np.zeros((len(x), self.num_classes), np.float32)
-        weights[np.arange(len(x)), targets] = 1.0
+        if targets.ndim == 2:  # class weights given (checked in _check_target)
+            weights = targets
+        else:
+            weights = np.zeros((len(x), self.num_classes), np.float32)
+            weights[np.arange(len(x)), targets] = 1.0
         return {self._mf.input_name: x, head.CLASS_WEIGHTS: weights, head.OUTPUT_MIX: mix}
 
     @staticmethod
@@ -268,6 +275,15 @@ class Classifier:
 
     def _check_target(self, target, n) -> np.ndarray:
         t = np.asarray(target)
+        if t.ndim == 2:
+            if t.shape != (n, self.num_classes) or t.dtype.kind != "f":
+                raise InputError(
+                    f"class weights must be a float array of shape ({n}, {self.num_classes}), "
+                    f"got {t.dtype} {t.shape}"
+                )
+            if not np.isfinite(t).all():
+                raise InputError("class weights hold NaN or Inf")
+            return np.ascontiguousarray(t, dtype=np.float32)
         if t.ndim == 0:
             t = np.full(n, t)
         if t.shape != (n,):

@@ -38,7 +38,8 @@ class ClassifierLike(Protocol):
         *,
         return_logits: bool = False,
     ) -> tuple[np.ndarray, ...]:
-        """(scores (N,), d score / d x shaped like x). ``target``: one int or one class per row.
+        """(scores (N,), d score / d x shaped like x). ``target``: one int, one class per row, or
+        class weights (N, K) float (score = Σ_k W[n, k] · output_k).
         ``return_logits``: also the logits (N, K) of the same forward pass, third."""
         ...
 

@@ -18,19 +18,22 @@ import numpy as np
 
 
 def head(logits: np.ndarray, target: np.ndarray, output: str) -> tuple[np.ndarray, np.ndarray]:
-    """(score (N,), d score / d logits (N, K)) for logit, probability or log-probability."""
-    rows = np.arange(len(target))
-    onehot = np.zeros_like(logits)
-    onehot[rows, target] = 1.0
+    """(score (N,), d score / d logits (N, K)) for logit, probability or log-probability, with
+    ``target`` one class per row or class weights (N, K): score = Σ_k W_k · output_k."""
+    if target.ndim == 2:
+        weights = target.astype(np.float64)
+    else:
+        weights = np.zeros_like(logits)
+        weights[np.arange(len(target)), target] = 1.0
     if output == "logit":
-        return logits[rows, target], onehot
+        return (weights * logits).sum(axis=1), weights
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     if output == "probability":
-        pt = p[rows, target]
-        return pt, pt[:, None] * (onehot - p)
+        score = (weights * p).sum(axis=1)
+        return score, p * (weights - score[:, None])
     if output == "log_probability":
-        return np.log(p[rows, target]), onehot - p
+        return (weights * np.log(p)).sum(axis=1), weights - p * weights.sum(axis=1, keepdims=True)
     raise ValueError(output)
 
 
@@ -70,6 +73,9 @@ class AnalyticClassifier:
         return [slice(i, min(i + size, n)) for i in range(0, n, size)]
 
     def _targets(self, target, n: int) -> np.ndarray:
+        if np.ndim(target) == 2:  # class weights
+            assert np.shape(target) == (n, self.num_classes)
+            return np.asarray(target, dtype=np.float64)
         t = np.asarray(target, dtype=np.int64)
         t = np.full(n, int(t)) if t.ndim == 0 else t
         assert t.shape == (n,) and t.min() >= 0 and t.max() < self.num_classes

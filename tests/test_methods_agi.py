@@ -24,9 +24,22 @@ def softmax(z):
     return e / e.sum()
 
 
-def reference_agi(model, x0, init, adv_classes, eps, max_iter, accumulate, output, idgi=False):
+def double_softmax_gradient(model, v, c):
+    """∂ softmax(softmax(z))_c / ∂x by the chain rule with explicit Jacobians: the K logit
+    gradients J_z (K, d), then J_q · J_p · J_z with J = diag(s) − s sᵀ for each softmax."""
+    k = model.num_classes
+    rows = np.repeat(v[None].astype(np.float32), k, axis=0)
+    _, jz = model.gradient(rows, np.arange(k), "logit")
+    p = softmax(model.predict(v[None].astype(np.float32))[0].astype(float))
+    q = softmax(p)
+    jp, jq = np.diag(p) - np.outer(p, p), np.diag(q) - np.outer(q, q)
+    return (jq @ jp @ jz.reshape(k, -1).astype(float))[c].reshape(v.shape)
+
+
+def reference_agi(model, x0, init, adv_classes, eps, max_iter, accumulate, output, idgi=False, double=False):
     """Spec §8 loop, one image and one class at a time (single-row model calls).
-    Returns the per-class maps (k, *s) and the number of iterations each class used."""
+    Returns the per-class maps (k, *s) and the number of iterations each class used.
+    ``double``: AGI_quantitive.py's gradients of softmax(softmax(logits))."""
     maps, used = [], []
     lo, hi = model.input_range
     x0 = x0.astype(np.float64)
@@ -39,8 +52,12 @@ def reference_agi(model, x0, init, adv_classes, eps, max_iter, accumulate, outpu
         for it in range(max_iter):  # noqa: B007
             if np.argmax(model.predict(xp[None].astype(np.float32))[0]) == a:
                 break  # early stop BEFORE using this point
-            g_adv = model.gradient(xp[None].astype(np.float32), a, output)[1][0].astype(float)
-            g_lab = model.gradient(xp[None].astype(np.float32), init, output)[1][0].astype(float)
+            if double:
+                g_adv = double_softmax_gradient(model, xp, a)
+                g_lab = double_softmax_gradient(model, xp, init)
+            else:
+                g_adv = model.gradient(xp[None].astype(np.float32), a, output)[1][0].astype(float)
+                g_lab = model.gradient(xp[None].astype(np.float32), init, output)[1][0].astype(float)
             start = xp if accumulate else x0
             new = np.clip(start + eps * np.sign(g_adv), lo, hi)
             if idgi:
@@ -74,6 +91,26 @@ def test_agi_matches_reference(accumulate, output):
         assert rel_err(per[i, :k], ref) < 1e-5
         np.testing.assert_array_equal(per[i, k:], 0)
         assert rel_err(total[i], ref.sum(0)) < 1e-5
+
+
+@pytest.mark.parametrize("accumulate", [True, False])
+def test_agi_double_softmax_preset_matches_reference(accumulate):
+    """AGI_quantitive.py: softmax applied to a Softmax-ended model; one weighted gradient call per
+    step reproduces the explicit-Jacobian chain rule, and differs from the single softmax."""
+    m = ConvNet("NCHW", num_classes=6)
+    x = np.random.default_rng(7).uniform(0, 1, (2, *m.input_shape)).astype(np.float32)
+    classes = [0, 3, 5]
+    kw = dict(classes=classes, eps=0.05, max_steps=5, accumulate=accumulate, return_per_class=True)
+    total, per = explain(m, x, "agi", double_softmax=True, **kw)
+    single, _ = explain(m, x, "agi", **kw)
+    init = m.predict(x).argmax(1)
+    for i in range(2):
+        adv = [c for c in classes if c != init[i]]
+        ref, _ = reference_agi(m, x[i], init[i], adv, 0.05, 5, accumulate, "probability", double=True)
+        assert rel_err(per[i, : len(adv)], ref) < 1e-5
+    assert rel_err(total, single) > 1e-2  # a different method, not a rescaling of the same map
+    with pytest.raises(ValueError, match="double_softmax"):
+        explain(m, x, "agi", double_softmax=True, output="logit")
 
 
 @pytest.mark.parametrize("accumulate", [True, False])

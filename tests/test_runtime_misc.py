@@ -117,3 +117,23 @@ def test_gradient_returns_the_logits_of_its_own_forward_pass(zoo_onnx):
     assert np.max(np.abs(logits - reference)) <= 1e-6 * np.max(np.abs(reference))
     np.testing.assert_array_equal(scores, scores2)
     np.testing.assert_array_equal(grads, grads2)
+
+
+@pytest.mark.parametrize("output", ["logit", "probability", "log_probability"])
+def test_class_weight_targets_are_a_weighted_sum_of_class_gradients(zoo_onnx, output):
+    """target=W (N, K) scores Σ_k W[n, k]·output_k: by linearity its gradient is the W-weighted
+    sum of the one-class gradients (computed here one class at a time)."""
+    clf = engine.load(zoo_onnx("lenet_max"), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(4)
+    x = rng.uniform(0, 1, (3, *clf.input_shape)).astype(np.float32)
+    w = rng.normal(size=(3, clf.num_classes)).astype(np.float32)
+    scores, grads = clf.gradient(x, w, output=output)
+    ref_scores, ref_grads = np.zeros(3), np.zeros(x.shape)
+    for k in range(clf.num_classes):
+        s_k, g_k = clf.gradient(x, k, output=output)
+        ref_scores += w[:, k] * s_k
+        ref_grads += w[:, k, None, None, None] * g_k
+    assert np.abs(scores - ref_scores).max() <= 1e-5 * np.abs(ref_scores).max()
+    assert np.abs(grads - ref_grads).max() <= 1e-5 * np.abs(ref_grads).max()
+    with pytest.raises(engine.model.InputError, match="class weights"):
+        clf.gradient(x, w[:, :3], output=output)

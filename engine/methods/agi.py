@@ -61,21 +61,54 @@ def select_classes(
     return out
 
 
-def _path_gradients(model, pts, adv_cls, lab, output, steepest):
+def _softmax(z: np.ndarray) -> np.ndarray:
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+class _Objective:
+    """What AGI differentiates: ``output`` of the model, or with ``double_softmax`` the score
+    q = softmax(softmax(z)) of AGI_quantitive.py (a Softmax-ended model fed to pgd_step, which
+    applies softmax again; spec §8). The latter is one gradient call too: class weights
+    W = ∂q_c/∂z (from the logits at the same points) with output="logit" give ∂q_c/∂x."""
+
+    def __init__(self, output: str, double_softmax: bool):
+        self.output, self.double = output, double_softmax
+
+    def scores(self, logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
+        if not self.double:
+            return output_scores(logits, classes, self.output)
+        return _softmax(_softmax(logits))[np.arange(len(classes)), classes]
+
+    def gradient_target(self, logits: np.ndarray | None, classes: np.ndarray):
+        """(target, output) for ``model.gradient``; the double softmax needs the logits."""
+        if not self.double:
+            return classes, self.output
+        rows = np.arange(len(classes))
+        p = _softmax(logits)
+        q = _softmax(p)
+        qc = q[rows, classes]
+        a = -qc[:, None] * q  # ∂q_c/∂p = q_c (e_c − q)
+        a[rows, classes] += qc
+        return p * a - p * (a * p).sum(axis=1, keepdims=True), "logit"  # through the first softmax
+
+
+def _path_gradients(model, pts, adv_cls, lab, objective, steepest, logits=None):
     """((∇f_adv, ∇f_lab or None), logits) at ``pts``: ONE gradient call of 2·M rows (M for the
-    straight path, which needs no ∇f_lab), float64."""
+    straight path, which needs no ∇f_lab), float64. ``logits`` at ``pts`` when already known
+    (required by the double softmax)."""
     m = len(pts)
     pts = pts.astype(np.float32)
     if steepest:
-        _, g, logits = model.gradient(
-            np.concatenate([pts, pts]), np.concatenate([adv_cls, lab]), output, return_logits=True
-        )
-        g = np.asarray(g, dtype=np.float64)
-        grads = (g[:m], g[m:])
+        rows_x, classes = np.concatenate([pts, pts]), np.concatenate([adv_cls, lab])
+        known = None if logits is None else np.concatenate([logits, logits])
     else:
-        _, g, logits = model.gradient(pts, adv_cls, output, return_logits=True)
-        grads = (np.asarray(g, dtype=np.float64), None)
-    return grads, np.asarray(logits, dtype=np.float64)[:m]
+        rows_x, classes, known = pts, adv_cls, logits
+    target, output = objective.gradient_target(known, classes)
+    _, g, out_logits = model.gradient(rows_x, target, output, return_logits=True)
+    g = np.asarray(g, dtype=np.float64)
+    grads = (g[:m], g[m:]) if steepest else (g, None)
+    return grads, np.asarray(out_logits, dtype=np.float64)[:m]
 
 
 def agi(
@@ -92,6 +125,7 @@ def agi(
     path: str = "steepest",
     idgi: bool = False,
     return_per_class: bool = False,
+    double_softmax: bool = False,
     seed: int | None = 0,
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """AGI: for each adversarial class a, walk the steepest-ascent path of f_a (FGSM steps of size
@@ -110,12 +144,21 @@ def agi(
     evaluations), one call. idgi: each term's −g ⊙ (b − a) becomes g²·(f_c(a) − f_c(b))/Σg²,
     i.e. IDGI on segments oriented adversarial → input, with f_c from ``predict`` (steepest), or
     IDGI on the straight line (straight).
-    The gradient of ``output`` (default probability = the reference's softmax) is used for both
-    classes; the reference's double-softmax variant (AGI_quantitive.py) needs K gradients per point
-    and is not offered. Returns float32 (N, *input_shape); with ``return_per_class`` also the
-    per-class maps (N, k, *input_shape) (zeros in unused slots, see ``select_classes``).
+    The gradient of ``output`` (default probability = AGI_main.py's softmax) is used for both
+    classes. ``double_softmax=True`` (with output="probability", steepest path) is the preset of
+    AGI_quantitive.py, whose Softmax-ended model gets a second softmax in pgd_step: gradients of
+    softmax(softmax(z)), one gradient call per step all the same (class weights ∂q/∂z from the
+    logits of the stop check, which then always comes from a predict).
+    Returns float32 (N, *input_shape); with ``return_per_class`` also the per-class maps
+    (N, k, *input_shape) (zeros in unused slots, see ``select_classes``).
     """
     check_output(output)
+    if double_softmax and (output != "probability" or path != "steepest"):
+        raise ValueError(
+            "double_softmax (AGI_quantitive.py's preset) needs output='probability' and path='steepest', "
+            f"got output={output!r}, path={path!r}"
+        )
+    objective = _Objective(output, double_softmax)
     if path not in PATHS:
         raise ValueError(f"path must be one of {PATHS}, got {path!r}")
     if int(max_steps) < 1:
@@ -131,7 +174,7 @@ def agi(
     x0 = x[img].astype(np.float64)
     xp = x0.copy()
     acc = np.zeros_like(x0)
-    f_x0 = output_scores(logits0[img], lab, output)
+    f_x0 = objective.scores(logits0[img], lab)
     running = np.arange(len(img))
     pending = None  # IDGI: (rows, gradient, f_c at the segment start) awaiting f_c at its end
     steepest = path == "steepest"
@@ -142,10 +185,12 @@ def agi(
             logits = np.asarray(model.predict(xp[running].astype(np.float32)), dtype=np.float64)
         grads = None
         if logits is None:  # fold: the gradient call also brings the logits of the same points
-            grads, logits = _path_gradients(model, xp[running], cls[running], lab[running], output, steepest)
+            grads, logits = _path_gradients(
+                model, xp[running], cls[running], lab[running], objective, steepest
+            )
         if pending is not None:
             rows, g, f_start = pending
-            acc[rows] += idgi_step(g, f_start - output_scores(logits, lab[rows], output))
+            acc[rows] += idgi_step(g, f_start - objective.scores(logits, lab[rows]))
             pending = None
         keep = logits.argmax(axis=1) != cls[running]
         before = running.size
@@ -154,16 +199,18 @@ def agi(
             break
         # Stopped pairs' rows in a folded call were wasted (2 gradient rows each), a separate
         # predict costs ~1/4 gradient row per running pair: fold while few pairs stop per step.
-        fold = 8 * (before - running.size) <= before
+        fold = 8 * (before - running.size) <= before and not double_softmax
         if grads is None:
-            grads, _ = _path_gradients(model, xp[running], cls[running], lab[running], output, steepest)
+            grads, _ = _path_gradients(
+                model, xp[running], cls[running], lab[running], objective, steepest, logits
+            )
         else:
             grads = tuple(None if g is None else g[keep] for g in grads)
         g_adv, g_lab = grads
         start = xp[running] if accumulate else x0[running]
         new = np.clip(start + eps * np.sign(g_adv), lo, hi)
         if steepest and idgi:
-            f_start = output_scores(logits, lab[running], output) if accumulate else f_x0[running]
+            f_start = objective.scores(logits, lab[running]) if accumulate else f_x0[running]
             pending = (running, g_lab, f_start)
         elif steepest:
             acc[running] += -g_lab * (new - start)
@@ -172,7 +219,7 @@ def agi(
     if pending is not None:  # the last segment's end point was never predicted
         rows, g, f_start = pending
         logits = np.asarray(model.predict(xp[rows].astype(np.float32)), dtype=np.float64)
-        acc[rows] += idgi_step(g, f_start - output_scores(logits, lab[rows], output))
+        acc[rows] += idgi_step(g, f_start - objective.scores(logits, lab[rows]))
     if not steepest and len(img):
         x_adv = xp.astype(np.float32)
         acc, _ = integrate_straight_path(
