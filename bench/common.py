@@ -40,11 +40,12 @@ def efficientnet_onnx(work: Path) -> Path:
     return path
 
 
-def torch_efficientnet():
+def torch_efficientnet(frozen: bool = True):
     """The same network for torch peers: [0, 1] NCHW input, normalisation inside, logits out.
 
-    Parameters are frozen so that autograd computes only input gradients: the peers get their
-    fastest honest configuration (the AGI reference leaves them trainable, which is slower).
+    ``frozen``: parameters do not require gradients, so autograd computes only input gradients
+    (the peers' fastest honest configuration). The AGI reference code leaves them trainable and
+    calls ``loss.backward()``, which also fills the weight gradients: ``frozen=False``.
     """
     import torch
 
@@ -61,7 +62,7 @@ def torch_efficientnet():
             return self.net((x - self.mean) / self.std)
 
     model = Normalised(load_efficientnet_lite0()).eval()
-    model.requires_grad_(False)
+    model.requires_grad_(not frozen)
     return model
 
 

@@ -1,7 +1,9 @@
 """Path methods on EfficientNet-Lite0 at 224x224: onnxplain vs the peer implementations, one run.
 
     integrated_gradients  vs captum IntegratedGradients (gausslegendre, internal_batch_size=16)
-    agi                   vs a torch loop shaped like the reference code (pd90506/AGI, spec §8)
+    agi                   vs a torch loop shaped like the reference code (pd90506/AGI, spec §8):
+                          pgd_step as written (trainable parameters, loss.backward per class), or
+                          with --agi-peer input-only frozen parameters and autograd.grad
     guided_ig             vs PAIR saliency GuidedIG with a torch callback, one image at a time
 
 Both sides see the same [0, 1] images, baseline, explained classes and thread count; each line
@@ -11,7 +13,8 @@ amplify float32 gradient noise (sign(≈0), quantile ties), so for them the peer
 run, untimed, on onnxplain's gradients: that gap must be ~1e-7.
 
     python -m bench.methods [--only ig agi guided_ig] [--repeats 3] [--images N] [--steps N]
-                            [--classes K] [--agi-images 1|2] [--threads 2] [--workdir DIR]
+                            [--classes K] [--agi-images 1|2] [--agi-peer reference|input-only]
+                            [--threads 2] [--workdir DIR]
     python -m bench.methods --quick      # smoke test: 1 image, a few steps, 1 repeat
 """
 
@@ -175,6 +178,32 @@ class TorchAGIModel:
         return g_adv, g_lab
 
 
+class TorchAGIReference:
+    """``pgd_step``'s calls exactly as the reference writes them: parameters left trainable,
+    ``model.zero_grad(); loss.backward(retain_graph=True)`` for the adversarial class, then
+    ``model.zero_grad(); x.grad.zero_(); loss_lab.backward()`` — each backward also computes the
+    weight gradients, as in the reference."""
+
+    def __init__(self, net):
+        self.net = net
+
+    def forward(self, xp):
+        xp = xp.detach().requires_grad_(True)
+        logits = self.net(xp)
+        return int(logits.argmax(dim=1)), (xp, logits)
+
+    def gradients(self, state, adv: int, label: int):
+        xp, logits = state
+        prob = torch.softmax(logits, dim=1)
+        self.net.zero_grad()
+        prob[0, adv].backward(retain_graph=True)
+        g_adv = xp.grad.detach().clone()
+        self.net.zero_grad()
+        xp.grad.zero_()
+        prob[0, label].backward()
+        return g_adv, xp.grad.detach().clone()
+
+
 class OnnxAGIModel:
     """The same calls on onnxplain's Classifier, for a float64 loop: the reference loop fed our
     gradients, with onnxplain's float64 iterate arithmetic, isolates the algorithm from float32
@@ -235,12 +264,15 @@ def same_gradient_note(ours: np.ndarray, same: np.ndarray, what: str) -> str:
     )
 
 
-def bench_agi(setup: Setup, images: int, steps: int, classes: int) -> Row:
+def bench_agi(setup: Setup, images: int, steps: int, classes: int, agi_peer: str = "reference") -> Row:
     import engine
 
     x, target = shared_batch(setup, images)
     ids = spaced_classes(setup.clf.num_classes, classes)
-    peer = TorchAGIModel(setup.net)
+    if agi_peer == "reference":
+        peer, what = TorchAGIReference(torch_efficientnet(frozen=False)), "torch loop (reference code)"
+    else:
+        peer, what = TorchAGIModel(setup.net), "torch loop, input gradients only"
 
     def ours(n_steps=steps, class_ids=ids, rows=slice(None)):
         return engine.explain(
@@ -268,7 +300,7 @@ def bench_agi(setup: Setup, images: int, steps: int, classes: int) -> Row:
     note = same_gradient_note(ours(class_ids=few, rows=slice(0, 1)), same, f"image 0, classes {few}")
     return Row(
         "agi",
-        "torch loop (reference code)",
+        what,
         ours_s,
         peer_s,
         TARGETS["agi"],
@@ -402,6 +434,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=None, help="steps (AGI: max_steps) for every benchmark")
     parser.add_argument("--classes", type=int, default=None, help="AGI adversarial classes k")
     parser.add_argument("--agi-images", type=int, choices=(1, 2), default=None)
+    parser.add_argument(
+        "--agi-peer",
+        choices=("reference", "input-only"),
+        default="reference",
+        help="reference: pgd_step as written (trainable parameters, loss.backward); input-only: "
+        "frozen parameters and autograd.grad, the fastest torch loop of the same structure",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, 1 repeat")
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
@@ -429,7 +468,8 @@ def run(args: argparse.Namespace, setup: Setup) -> list[Row]:
         size = sizes(args, name)
         print(f"{name}: {size} ...", flush=True)
         start = time.perf_counter()
-        rows.append(runners[name](setup, **size))
+        extra = {"agi_peer": args.agi_peer} if name == "agi" else {}
+        rows.append(runners[name](setup, **size, **extra))
         print(f"  done in {time.perf_counter() - start:.1f} s", flush=True)
     return rows
 

@@ -55,6 +55,13 @@ CONV_CASES = [
         id="conv-depthwise-s2-dilation",
     ),
     case(lambda: nn.Conv2d(4, 8, 3, groups=4, stride=3), (4, 10, 10), id="conv-depthwise-multiplier-s3"),
+    case(lambda: nn.Conv2d(4, 4, 5, groups=4, stride=2, padding=2), (4, 8, 8), id="conv-depthwise-k5-s2"),
+    case(
+        lambda: nn.Sequential(nn.ZeroPad2d((0, 1, 0, 1)), nn.Conv2d(4, 4, 3, groups=4, stride=2)),
+        (4, 8, 8),
+        id="conv-depthwise-s2-asymmetric-pad",
+    ),
+    case(lambda: nn.Conv2d(4, 4, 3, groups=4, stride=(2, 3), padding=1), (4, 8, 9), id="conv-depthwise-s2x3"),
     case(lambda: nn.Conv1d(4, 4, 3, groups=4, stride=2, padding=1), (4, 11), id="conv1d-depthwise-s2"),
     case(lambda: nn.Conv2d(3, 4, 3, padding="same"), (3, 6, 6), id="conv-same"),
     case(lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2), (3, 11), id="conv1d"),
