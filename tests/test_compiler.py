@@ -327,6 +327,38 @@ def test_conv_masks_are_exact_at_the_clip_bounds(tmp_path):
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 2  # the two mask factors
 
 
+@pytest.mark.parametrize("lo,hi", [(-1.0, 1.0), (-0.5, 2.5), (0.0, 6.0)])
+def test_two_sided_masks_are_exact_at_both_bounds(lo, hi, tmp_path):
+    """Clip(lo, hi) masks in the two-Conv HardSigmoid form: bit-exact against torch's exclusive
+    hardtanh backward at the bounds, one float32 step inside them (at least 2^-100 above lo: the
+    documented limit, masks are exact unless 0 < Y − lo < 2^-101), and far from them."""
+    module = nn.Sequential(nn.Hardtanh(lo, hi), nn.Flatten(), nn.Linear(12, 3)).eval()
+    clf = engine.load(export(module, (3, 2, 2), tmp_path), providers=CPU)
+    f32 = np.float32
+    inside_lo = max(np.nextafter(f32(lo), f32(np.inf)), f32(lo + 2.0**-100))
+    inside_hi = np.nextafter(f32(hi), f32(-np.inf))
+    values = [
+        lo,
+        hi,
+        inside_lo,
+        inside_hi,
+        lo + 1e-29,
+        hi - 1e-6,
+        (lo + hi) / 2,
+        lo - 1,
+        hi + 1,
+        lo,
+        hi,
+        0.25,
+    ]
+    x = np.array(values, np.float32).reshape(1, 3, 2, 2)
+    _, grads = clf.gradient(x, 2)
+    _, ref = torch_gradient(module, x, np.array([2]))
+    np.testing.assert_array_equal(grads, ref)
+    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    assert sum(n.op_type == "HardSigmoid" for n in model.graph.node) == 1
+
+
 def test_opset_stays_where_an_op_changed_meaning(zoo_onnx):
     clf = engine.load(zoo_onnx("tiny_vit_erf"), providers=CPU)
     clf.gradient(np.zeros((1, *clf.input_shape), np.float32), 0)

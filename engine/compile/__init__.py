@@ -30,7 +30,7 @@ from .optimize import conv_masks, lower_opset_to_13
 from .prepass import UnsupportedModelError, prepass
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "4"
+COMPILER_VERSION = "5"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 

@@ -1,11 +1,14 @@
 """Speed rewrites of the lowered graph for onnxruntime's CPU kernels (design/lowering.md, Speed).
 
-1. Activation masks as 1x1 depthwise Convs with a fused Clip: the mask of a ReLU / ReLU6 backward
-   pass, Cast(Greater(Y, lo) and Less(Y, hi)), becomes Clip(Y·B − lo·B, 0, 1) · Clip(hi·B − Y·B, 0, 1)
-   with B a power of two. Convs, Clip and Mul keep onnxruntime's blocked NCHWc layout through the
-   backward pass, where comparisons and Cast force a layout reorder around every convolution.
-   Exact: Y is the Clip output, so Y − lo and hi − Y are >= 0 and scaled by a power of two; each
-   factor is 1 unless Y equals the bound (0 then), or lies within 2^-120 of it.
+1. Activation masks as 1x1 depthwise Convs with fused activations: the mask of a ReLU / ReLU6
+   backward pass, Cast(Greater(Y, lo) and Less(Y, hi)), becomes Clip(Y·B − lo·B, 0, 1) for one
+   bound and, for two, HardSigmoid(Conv(Y) + Clip(Conv(Y))) (``_two_sided_mask``), which
+   onnxruntime runs as two NCHWc Convs (the second with a fused Sum input and activation) and no
+   Mul; B is a power of two. Convs keep onnxruntime's blocked NCHWc layout through the backward
+   pass, where comparisons and Cast force a layout reorder around every convolution.
+   Exact: Y is the Clip output, so Y − lo and hi − Y are >= 0 and scaled by powers of two; the
+   mask is 1 unless Y equals a bound (0 then), or lies within 2^-101 above lo (2^-120 for one
+   bound).
 2. Opset 13 when every op of the graph means the same there: onnxruntime's NCHWc pass only
    rewrites Mul/Add/Relu of opset 13 and older, not the identical opset-14 versions.
 """
@@ -53,6 +56,53 @@ def _mask_bounds(ctx, cast) -> tuple[str, float, float] | None:
     return gt.input[0], lo, hi
 
 
+def _two_sided_mask(ctx: GraphContext, y: str, c: int, lo: float, hi: float, out: str) -> list | None:
+    """1[lo < Y < hi] for Y = Clip(·, lo, hi) in two 1x1 depthwise Convs and no Mul:
+
+        top  = Clip(−2^(a+s) · (Y − pred(hi)), −2^s, 0)      (−2^s where Y == hi, else 0)
+        mask = HardSigmoid(2^k · (Y − lo) + top)             (alpha 1, beta 0: Clip to [0, 1])
+
+    onnxruntime fuses the Add into the second Conv as its Sum input and the HardSigmoid as its
+    activation, so the mask costs two passes over Y instead of two Convs and a Mul. pred(hi) is
+    the float32 just below hi and 2^a = 1/(hi − pred(hi)), so 2^a·(Y − pred(hi)) is ≥ 1 at hi
+    and ≤ 0 below it (Sterbenz: exact); every constant is a power-of-two multiple of a float32,
+    so each product is exact. The mask is exact unless 0 < Y − lo < 2^-k (k = 101 for ReLU6).
+    None when the exponents do not fit float32 (then the two-factor form is used)."""
+    if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
+        return None
+    hi32 = np.float32(hi)
+    pred = np.nextafter(hi32, np.float32(-np.inf))
+    a = -math.log2(float(hi32) - float(pred))
+    reach = max(abs(lo), abs(hi), hi - lo)
+    s = math.floor(127.99 - math.log2(reach) - a)
+    k = math.floor(s - math.log2(hi - lo))
+    if not a.is_integer() or k < 100 or 2.0**k * (hi - lo) > 2.0**s:
+        return None
+    a = int(a)
+    consts = {
+        "w_top": np.float32(-(2.0 ** (a + s))),
+        "b_top": np.float32(2.0 ** (a + s) * float(pred)),
+        "top_floor": np.float32(-(2.0**s)),
+        "w_mask": np.float32(2.0**k),
+        "b_mask": np.float32(-(2.0**k) * lo),
+    }
+    if not all(np.isfinite(v) for v in consts.values()):
+        return None
+    zero = ctx.const(np.float32(0), "zero")
+    w_top = ctx.const(np.full((c, 1, 1, 1), consts["w_top"], np.float32), "mask_w")
+    b_top = ctx.const(np.full((c,), consts["b_top"], np.float32), "mask_b")
+    w_mask = ctx.const(np.full((c, 1, 1, 1), consts["w_mask"], np.float32), "mask_w")
+    b_mask = ctx.const(np.full((c,), consts["b_mask"], np.float32), "mask_b")
+    pre_top, top, pre, summed = (ctx.fresh(h) for h in ("mask_top_pre", "mask_top", "mask_pre", "mask_sum"))
+    return [
+        helper.make_node("Conv", [y, w_top, b_top], [pre_top], group=c, kernel_shape=[1, 1]),
+        helper.make_node("Clip", [pre_top, ctx.const(consts["top_floor"], "top_floor"), zero], [top]),
+        helper.make_node("Conv", [y, w_mask, b_mask], [pre], group=c, kernel_shape=[1, 1]),
+        helper.make_node("Add", [pre, top], [summed]),
+        helper.make_node("HardSigmoid", [summed], [out], alpha=1.0, beta=0.0),
+    ]
+
+
 def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
     """Rewrite activation masks of 4-D feature maps as Conv+Clip masks. Returns how many."""
     ctx = GraphContext(model, shapes)
@@ -66,9 +116,15 @@ def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
         dims = shapes.get(y)
         if not dims or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0:
             continue
+        c = dims[1]
+        nodes = _two_sided_mask(ctx, y, c, lo, hi, node.output[0])
+        if nodes is not None:
+            for i, n in enumerate(nodes):
+                n.name = f"{node.name}/conv_mask_{i}"
+            replaced[node.name] = nodes
+            continue
         finite = [abs(b) for b in (lo, hi) if math.isfinite(b)]
         scale = 2.0 ** (_MAX_EXPONENT - max(0, math.ceil(math.log2(max(finite + [1.0])))))
-        c = dims[1]
         factors, nodes = [], []
         for sign, bound in ((1.0, lo), (-1.0, hi)):
             if not math.isfinite(bound):
@@ -123,6 +179,7 @@ _OPSET13_SAFE = {
     "Gemm",
     "GlobalAveragePool",
     "GlobalMaxPool",
+    "HardSigmoid",
     "Greater",
     "Identity",
     "Less",
