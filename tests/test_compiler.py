@@ -359,6 +359,54 @@ def test_two_sided_masks_are_exact_at_both_bounds(lo, hi, tmp_path):
     assert sum(n.op_type == "HardSigmoid" for n in model.graph.node) == 1
 
 
+def test_an_indicator_in_the_forward_graph_keeps_the_exact_mask_form(tmp_path):
+    """1[lo < y < hi] computed by the model itself on an unbounded feature map y looks like a
+    Clip mask but is not one: the mask rewrite must stay exact for y far outside [lo, hi]."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    fc = rng.normal(size=(8, 3)).astype(np.float32)
+    scale = np.float32(10.0)
+    nodes = [
+        helper.make_node("Conv", ["input", "w"], ["y"], kernel_shape=[1, 1]),
+        helper.make_node("Greater", ["y", "lo"], ["gt"]),
+        helper.make_node("Less", ["y", "hi"], ["lt"]),
+        helper.make_node("And", ["gt", "lt"], ["inside"]),
+        helper.make_node("Cast", ["inside"], ["mask"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["y", "mask"], ["kept"]),
+        helper.make_node("Flatten", ["kept"], ["flat"]),
+        helper.make_node("MatMul", ["flat", "fc"], ["logits"]),
+    ]
+    for i, node in enumerate(nodes):  # named, as exporters write them
+        node.name = f"/{node.op_type}_{i}"
+    graph = helper.make_graph(
+        nodes,
+        "indicator",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 2, 2, 2])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [
+            numpy_helper.from_array(np.eye(2, dtype=np.float32).reshape(2, 2, 1, 1) * scale, "w"),
+            numpy_helper.from_array(np.float32(0.0), "lo"),
+            numpy_helper.from_array(np.float32(6.0), "hi"),
+            numpy_helper.from_array(fc, "fc"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 9
+    path = tmp_path / "indicator.onnx"
+    onnx.save(model, path)
+    clf = engine.load(path, providers=CPU)
+    x = np.array([[[[-0.3, 0.2], [0.6, 4.0]], [[1e5, 0.55], [0.0, 1.3]]]], np.float32)
+    y = x * scale
+    inside = (y > 0) & (y < 6)
+    expected = (y * inside).reshape(1, -1) @ fc
+    _, grads, logits = clf.gradient(x, 1, return_logits=True)
+    np.testing.assert_allclose(logits, expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        grads.reshape(-1), np.where(inside.reshape(-1), scale * fc[:, 1], 0), rtol=1e-6
+    )
+
+
 def test_opset_stays_where_an_op_changed_meaning(zoo_onnx):
     clf = engine.load(zoo_onnx("tiny_vit_erf"), providers=CPU)
     clf.gradient(np.zeros((1, *clf.input_shape), np.float32), 0)

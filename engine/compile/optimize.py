@@ -56,6 +56,16 @@ def _mask_bounds(ctx, cast) -> tuple[str, float, float] | None:
     return gt.input[0], lo, hi
 
 
+def _clipped_to(ctx: GraphContext, y: str, lo: float, hi: float) -> bool:
+    """Whether ``y`` is the output of a Clip to exactly [lo, hi], so that lo <= y <= hi: the
+    HardSigmoid mask relies on it (the two-factor form is exact for any y)."""
+    clip = ctx.producers.get(y)
+    if clip is None or clip.op_type != "Clip" or len(clip.input) < 3:
+        return False
+    bounds = [_scalar(ctx, name) if name else None for name in clip.input[1:3]]
+    return bounds == [np.float32(lo), np.float32(hi)]
+
+
 def _two_sided_mask(ctx: GraphContext, y: str, c: int, lo: float, hi: float, out: str) -> list | None:
     """1[lo < Y < hi] for Y = Clip(·, lo, hi) in two 1x1 depthwise Convs and no Mul:
 
@@ -117,7 +127,7 @@ def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
         if not dims or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0:
             continue
         c = dims[1]
-        nodes = _two_sided_mask(ctx, y, c, lo, hi, node.output[0])
+        nodes = _two_sided_mask(ctx, y, c, lo, hi, node.output[0]) if _clipped_to(ctx, y, lo, hi) else None
         if nodes is not None:
             for i, n in enumerate(nodes):
                 n.name = f"{node.name}/conv_mask_{i}"
