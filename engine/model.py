@@ -147,6 +147,8 @@ class Classifier:
         x = self._check_x(x)
         targets = self._check_target(target, len(x))
         mix = self._check_output(output)
+        if len(x) == 0:
+            raise InputError("layer_gradient needs at least one row: the feature map shape comes from a run")
         sess, info = self._gradient_session("gradient", layer or "auto")
         tap_shape = None
         results = []
@@ -241,8 +243,11 @@ class Classifier:
         return int(max(1, min(1024, budget // max(per_example, 1))))
 
     def _chunks(self, n):
-        """Equal chunks of at most ``batch_size`` rows (8 rows at a budget of 7: 4 + 4, not 7 + 1)."""
-        count = -(-n // (self.batch_size or n or 1)) or 1
+        """Equal chunks of at most ``batch_size`` rows (8 rows at a budget of 7: 4 + 4, not 7 + 1);
+        none for an empty batch (the results are empty, the model is not run)."""
+        if n == 0:
+            return []
+        count = -(-n // (self.batch_size or n or 1))
         bounds = np.linspace(0, n, count + 1).round().astype(int)
         return [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
 

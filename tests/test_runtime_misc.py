@@ -137,3 +137,13 @@ def test_class_weight_targets_are_a_weighted_sum_of_class_gradients(zoo_onnx, ou
     assert np.abs(grads - ref_grads).max() <= 1e-5 * np.abs(ref_grads).max()
     with pytest.raises(engine.model.InputError, match="class weights"):
         clf.gradient(x, w[:, :3], output=output)
+
+
+def test_an_empty_batch_gives_empty_results_without_running_the_model(zoo_onnx):
+    clf = engine.load(zoo_onnx("lenet_max"), providers=["CPUExecutionProvider"])
+    x = np.zeros((0, *clf.input_shape), np.float32)
+    assert clf.predict(x).shape == (0, clf.num_classes)
+    scores, grads, logits = clf.gradient(x, np.zeros(0, np.int64), return_logits=True)
+    assert scores.shape == (0,) and grads.shape == x.shape and logits.shape == (0, clf.num_classes)
+    with pytest.raises(engine.model.InputError, match="at least one row"):
+        clf.layer_gradient(x, np.zeros(0, np.int64))
