@@ -122,9 +122,12 @@ def main(argv=None) -> dict:
     ]
     for name, secs, _ in rows:
         print(f"{name:40s} {secs:8.3f}")
+    # The target's torch baseline is autograd on the module as it comes (design/lowering.md measured
+    # 1.8-2.4 s for it); frozen parameters are the stricter comparison, printed beside it.
     ratios = {
-        "onnxplain / torch, frozen params (target <= 0.3)": results["onnxplain"] / results["torch_autograd"],
-        "onnxplain / torch, module as is": results["onnxplain"] / results["torch_autograd_default"],
+        "onnxplain / torch, module as is (target <= 0.3)": results["onnxplain"]
+        / results["torch_autograd_default"],
+        "onnxplain / torch, frozen params (strict)": results["onnxplain"] / results["torch_autograd"],
         "onnxplain / onnxruntime-training": results["onnxplain"] / results["onnxruntime_training"],
         "onnxplain gradient / forward (target <= 3)": results["onnxplain"] / results["forward"],
     }
