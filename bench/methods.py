@@ -178,19 +178,11 @@ class TorchAGIModel:
         return g_adv, g_lab
 
 
-class TorchAGIReference:
+class TorchAGIReference(TorchAGIModel):
     """``pgd_step``'s calls exactly as the reference writes them: parameters left trainable,
     ``model.zero_grad(); loss.backward(retain_graph=True)`` for the adversarial class, then
     ``model.zero_grad(); x.grad.zero_(); loss_lab.backward()`` — each backward also computes the
-    weight gradients, as in the reference."""
-
-    def __init__(self, net):
-        self.net = net
-
-    def forward(self, xp):
-        xp = xp.detach().requires_grad_(True)
-        logits = self.net(xp)
-        return int(logits.argmax(dim=1)), (xp, logits)
+    weight gradients, as in the reference. The forward is ``TorchAGIModel``'s."""
 
     def gradients(self, state, adv: int, label: int):
         xp, logits = state

@@ -113,10 +113,34 @@ def _two_sided_mask(ctx: GraphContext, y: str, c: int, lo: float, hi: float, out
     ]
 
 
-def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
-    """Rewrite activation masks of 4-D feature maps as Conv+Clip masks. Returns how many."""
-    ctx = GraphContext(model, shapes)
+def _factor_mask(ctx: GraphContext, y: str, c: int, lo: float, hi: float, out: str) -> list:
+    """1[lo < Y < hi] as a product of Clip(±B·(Y − bound), 0, 1) factors, one per finite bound:
+    exact for any Y (the module docstring)."""
+    finite = [abs(b) for b in (lo, hi) if math.isfinite(b)]
+    scale = 2.0 ** (_MAX_EXPONENT - max(0, math.ceil(math.log2(max(finite + [1.0])))))
     zero, one = ctx.const(np.float32(0), "zero"), ctx.const(np.float32(1), "one")
+    factors, nodes = [], []
+    for sign, bound in ((1.0, lo), (-1.0, hi)):
+        if not math.isfinite(bound):
+            continue
+        w = ctx.const(np.full((c, 1, 1, 1), sign * scale, np.float32), "mask_w")
+        b = ctx.const(np.full((c,), -sign * bound * scale, np.float32), "mask_b")
+        pre, f = ctx.fresh("mask_pre"), ctx.fresh("mask_factor")
+        nodes += [
+            helper.make_node("Conv", [y, w, b], [pre], group=c, kernel_shape=[1, 1]),
+            helper.make_node("Clip", [pre, zero, one], [f]),
+        ]
+        factors.append(f)
+    if len(factors) == 1:
+        nodes[-1].output[0] = out
+    else:
+        nodes.append(helper.make_node("Mul", factors, [out]))
+    return nodes
+
+
+def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
+    """Rewrite activation masks of 4-D feature maps as Conv masks. Returns how many."""
+    ctx = GraphContext(model, shapes)
     replaced: dict[str, list] = {}
     for node in model.graph.node:
         found = _mask_bounds(ctx, node)
@@ -126,31 +150,8 @@ def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
         dims = shapes.get(y)
         if not dims or len(dims) != 4 or not isinstance(dims[1], int) or dims[1] <= 0:
             continue
-        c = dims[1]
-        nodes = _two_sided_mask(ctx, y, c, lo, hi, node.output[0]) if _clipped_to(ctx, y, lo, hi) else None
-        if nodes is not None:
-            for i, n in enumerate(nodes):
-                n.name = f"{node.name}/conv_mask_{i}"
-            replaced[node.name] = nodes
-            continue
-        finite = [abs(b) for b in (lo, hi) if math.isfinite(b)]
-        scale = 2.0 ** (_MAX_EXPONENT - max(0, math.ceil(math.log2(max(finite + [1.0])))))
-        factors, nodes = [], []
-        for sign, bound in ((1.0, lo), (-1.0, hi)):
-            if not math.isfinite(bound):
-                continue
-            w = ctx.const(np.full((c, 1, 1, 1), sign * scale, np.float32), "mask_w")
-            b = ctx.const(np.full((c,), -sign * bound * scale, np.float32), "mask_b")
-            pre, f = ctx.fresh("mask_pre"), ctx.fresh("mask_factor")
-            nodes += [
-                helper.make_node("Conv", [y, w, b], [pre], group=c, kernel_shape=[1, 1]),
-                helper.make_node("Clip", [pre, zero, one], [f]),
-            ]
-            factors.append(f)
-        if len(factors) == 1:
-            nodes[-1].output[0] = node.output[0]
-        else:
-            nodes.append(helper.make_node("Mul", factors, [node.output[0]]))
+        args = (ctx, y, dims[1], lo, hi, node.output[0])
+        nodes = (_two_sided_mask(*args) if _clipped_to(ctx, y, lo, hi) else None) or _factor_mask(*args)
         for i, n in enumerate(nodes):
             n.name = f"{node.name}/conv_mask_{i}"
         replaced[node.name] = nodes

@@ -6,7 +6,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from engine.methods.common import Target, check_input, check_output, output_scores, resolve_target
+from engine.methods.common import (
+    Target,
+    check_input,
+    check_output,
+    output_scores,
+    resolve_target,
+    softmax,
+)
 from engine.methods.idgi import idgi_step
 from engine.methods.integrated_gradients import integrate_straight_path
 from engine.protocol import ClassifierLike
@@ -61,11 +68,6 @@ def select_classes(
     return out
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
-
-
 class _Objective:
     """What AGI differentiates: ``output`` of the model, or with ``double_softmax`` the score
     q = softmax(softmax(z)) of AGI_quantitive.py (a Softmax-ended model fed to pgd_step, which
@@ -78,15 +80,15 @@ class _Objective:
     def scores(self, logits: np.ndarray, classes: np.ndarray) -> np.ndarray:
         if not self.double:
             return output_scores(logits, classes, self.output)
-        return _softmax(_softmax(logits))[np.arange(len(classes)), classes]
+        return softmax(softmax(logits))[np.arange(len(classes)), classes]
 
     def gradient_target(self, logits: np.ndarray | None, classes: np.ndarray):
         """(target, output) for ``model.gradient``; the double softmax needs the logits."""
         if not self.double:
             return classes, self.output
         rows = np.arange(len(classes))
-        p = _softmax(logits)
-        q = _softmax(p)
+        p = softmax(logits)
+        q = softmax(p)
         qc = q[rows, classes]
         a = -qc[:, None] * q  # ∂q_c/∂p = q_c (e_c − q)
         a[rows, classes] += qc

@@ -79,6 +79,13 @@ def prepare(model: ClassifierLike, x: Any, target: Target, output: str) -> tuple
     return x, resolve_target(model, x, target)
 
 
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax in float64."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def output_scores(logits: np.ndarray, target: np.ndarray, output: str) -> np.ndarray:
     """The explained score from logits, computed in float64: logit, softmax or log-softmax."""
     z = np.asarray(logits, dtype=np.float64)

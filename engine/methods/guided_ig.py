@@ -95,36 +95,29 @@ def guided_ig(
     l1_total = np.abs(x_in - x_base).sum(axis=1)
     cur = x_base.copy()
     attr = np.zeros_like(x_in)
+    prev_g = prev_f = None
+    rows = [i for i in range(n) if l1_total[i] != 0]  # input == baseline: zero attribution
+    # images are independent: their numpy sub-steps run in threads (numpy releases the GIL in its
+    # loops), each thread writing only its own rows, so the bits do not depend on the thread count
     workers = min(n, os.cpu_count() or 1)
     with ThreadPoolExecutor(workers) if workers > 1 else contextlib.nullcontext() as pool:
-        walk = (cur, x_in, x_base, l1_total, attr)
-        return _walk(model, x, target, output, walk, steps, fraction, max_dist, idgi, pool)
+        for step in range(steps):
+            f, g = model.gradient(cur.reshape(x.shape).astype(np.float32), target, output=output)
+            g = np.asarray(g, dtype=np.float64).reshape(n, -1)
+            f = np.asarray(f, dtype=np.float64)
+            if idgi and prev_g is not None:
+                attr += idgi_step(prev_g, f - prev_f)
 
+            def advance(i, g=g, step=step):
+                return _advance(
+                    cur[i], x_in[i], x_base[i], g[i], step, steps, l1_total[i], fraction, max_dist
+                )
 
-def _walk(model, x, target, output, walk, steps, fraction, max_dist, idgi, pool) -> np.ndarray:
-    """The step loop of ``guided_ig``: one gradient call per step, then each image's sub-steps."""
-    cur, x_in, x_base, l1_total, attr = walk
-    n = x.shape[0]
-    prev_g = prev_f = None
-    for step in range(steps):
-        f, g = model.gradient(cur.reshape(x.shape).astype(np.float32), target, output=output)
-        g = np.asarray(g, dtype=np.float64).reshape(n, -1)
-        f = np.asarray(f, dtype=np.float64)
-        if idgi and prev_g is not None:
-            attr += idgi_step(prev_g, f - prev_f)
-        rows = [i for i in range(n) if l1_total[i] != 0]  # input == baseline: zero attribution
-
-        def advance(i, g=g, step=step):
-            return _advance(cur[i], x_in[i], x_base[i], g[i], step, steps, l1_total[i], fraction, max_dist)
-
-        # images are independent: their numpy sub-iterations run in threads (numpy releases the
-        # GIL in its loops), each thread writing only its own rows, so the bits do not depend on
-        # the thread count
-        incs = list(pool.map(advance, rows)) if pool else [advance(i) for i in rows]
-        if not idgi:
-            for i, inc in zip(rows, incs):
-                attr[i] += inc
-        prev_g, prev_f = g, f
+            incs = list(pool.map(advance, rows)) if pool else [advance(i) for i in rows]
+            if not idgi:
+                for i, inc in zip(rows, incs):
+                    attr[i] += inc
+            prev_g, prev_f = g, f
     if idgi and prev_g is not None:
         f_end = output_scores(model.predict(x), target, output)  # only the score is needed
         attr += idgi_step(prev_g, f_end - prev_f)
