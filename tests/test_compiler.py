@@ -13,7 +13,7 @@ from engine.compile.builder import BuilderError
 from engine.compile.prepass import UnsupportedModelError
 from engine.model import InputError
 from engine.modelfile import ModelFileError
-from tests.gradcheck import export, relative_error, torch_gradient
+from tests.gradcheck import check_module, export, relative_error, torch_gradient
 
 CPU = ["CPUExecutionProvider"]
 
@@ -412,3 +412,43 @@ def test_opset_stays_where_an_op_changed_meaning(zoo_onnx):
     clf.gradient(np.zeros((1, *clf.input_shape), np.float32), 0)
     model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
     assert [i.version for i in model.opset_import if i.domain == ""] != [13]
+
+
+def _lowered_graph(clf) -> onnx.GraphProto:
+    return onnx.load_from_string(clf._compiled[("gradient", None)][0]).graph
+
+
+@pytest.mark.parametrize("size,tall", [(12, True), (40, False)])
+def test_strided_depthwise_gradient_is_zero_insertion_and_a_conv(size, tall, tmp_path):
+    """A strided depthwise ConvGrad lowers to zero insertion (a 1x1 ConvTranspose: per plane, or
+    one tall single-channel image for planes up to 16x16) and a stride-1 Conv with the flipped
+    kernel, never the slow grouped k x k ConvTranspose; the gradients still match torch."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 16, 1),
+        nn.ReLU6(),
+        nn.Conv2d(16, 16, 5, stride=2, padding=2, groups=16),
+        nn.ReLU6(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(16, 4),
+    ).eval()
+    clf, _ = check_module(module, (3, size, size), tmp_path)
+    graph = _lowered_graph(clf)
+    (convt,) = [n for n in graph.node if n.op_type == "ConvTranspose"]
+    kernel = onnx.numpy_helper.to_array(next(i for i in graph.initializer if i.name == convt.input[1]))
+    assert kernel.shape == ((1, 1, 1, 1) if tall else (16, 1, 1, 1)) and np.all(kernel == 1)
+    producer = {o: n for n in graph.node for o in n.output}[convt.input[0]]
+    assert (producer.op_type == "Reshape") == tall
+
+
+def test_pooled_gradient_broadcast_is_an_upsample(tmp_path):
+    """GlobalAveragePool's backward broadcast (Expand) becomes a nearest Resize that onnxruntime
+    runs in NCHWc, behind an identity depthwise Conv; the gradient is unchanged (exact copy)."""
+    torch.manual_seed(0)
+    module = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1), nn.ReLU6(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 4)
+    ).eval()
+    clf, _ = check_module(module, (3, 7, 9), tmp_path)
+    pool_grad = [n.op_type for n in _lowered_graph(clf).node if "GlobalAveragePool_Grad" in n.name]
+    assert "Resize" in pool_grad and "Expand" not in pool_grad

@@ -63,6 +63,9 @@ CONV_CASES = [
     ),
     case(lambda: nn.Conv2d(4, 4, 3, groups=4, stride=(2, 3), padding=1), (4, 8, 9), id="conv-depthwise-s2x3"),
     case(lambda: nn.Conv1d(4, 4, 3, groups=4, stride=2, padding=1), (4, 11), id="conv1d-depthwise-s2"),
+    # output planes over 16x16: zero insertion per (image, channel) instead of one tall image
+    case(lambda: nn.Conv2d(16, 16, 3, groups=16, stride=2, padding=1), (16, 40, 40), id="conv-dw-s2-large"),
+    case(lambda: nn.Conv2d(16, 16, 5, groups=16, stride=2, padding=2), (16, 33, 35), id="conv-dw-k5-s2-odd"),
     case(lambda: nn.Conv2d(3, 4, 3, padding="same"), (3, 6, 6), id="conv-same"),
     case(lambda: nn.Conv1d(3, 4, 5, stride=2, padding=2), (3, 11), id="conv1d"),
     case(lambda: nn.Conv3d(2, 3, 3, stride=(1, 2, 2), padding=1), (2, 4, 6, 6), id="conv3d"),

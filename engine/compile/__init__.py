@@ -26,11 +26,11 @@ from .graph import (
     topological_sort,
 )
 from .lower import LoweringError, lower
-from .optimize import conv_masks, lower_opset_to_13
+from .optimize import conv_masks, lower_opset_to_13, upsample_broadcasts
 from .prepass import UnsupportedModelError, prepass
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "5"
+COMPILER_VERSION = "6"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -102,6 +102,7 @@ def compile_model(
     except LoweringError as e:
         raise LoweringError(f"{where}: {e}") from e
     conv_masks(built, full_shapes)
+    upsample_broadcasts(built, full_shapes, opset_version(built))
     info = CompiledInfo(
         rule=rule,
         input=mf.input_name,

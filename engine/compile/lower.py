@@ -340,22 +340,88 @@ def conv_grad(node, ctx):
             k - 1 - p for k, p in zip(kernel_eff, end)
         ]
         if min(conv_pads) >= 0:
-            c_out, c_in_g = w_value.shape[:2]
-            wg = w_value.reshape(group, c_out // group, c_in_g, *w_value.shape[2:])
-            wt = np.swapaxes(wg, 1, 2).reshape(group * c_in_g, c_out // group, *w_value.shape[2:])
-            wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
-            return [
-                make(
-                    "Conv",
-                    [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")],
-                    [out],
-                    pads=conv_pads,
-                    dilations=dilations,
-                    group=group,
-                    strides=[1] * n,
-                )
-            ]
+            return [_flipped_conv(ctx, dy, w_value, group, conv_pads, dilations, out)]
+    nodes = _zero_inserted_conv(ctx, dy, x, w_value, kernel_eff, strides, dilations, group, begin, out)
+    if nodes is not None:
+        return nodes
     return _transpose_to_input(ctx, dy, x, w, kernel_eff, strides, dilations, group, begin, out)
+
+
+def _flipped_conv(ctx, dy, w_value, group, pads, dilations, out) -> onnx.NodeProto:
+    """Stride-1 Conv of dY with the flipped, in/out-swapped kernel: the adjoint of a stride-1 Conv."""
+    n = w_value.ndim - 2
+    c_out, c_in_g = w_value.shape[:2]
+    wg = w_value.reshape(group, c_out // group, c_in_g, *w_value.shape[2:])
+    wt = np.swapaxes(wg, 1, 2).reshape(group * c_in_g, c_out // group, *w_value.shape[2:])
+    wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+    return make(
+        "Conv",
+        [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")],
+        [out],
+        pads=list(pads),
+        dilations=list(dilations),
+        group=group,
+        strides=[1] * n,
+    )
+
+
+def _zero_inserted_conv(ctx, dy, x, w_value, kernel_eff, strides, dilations, group, begin, out):
+    """Strided depthwise ConvGrad as zero insertion + a stride-1 Conv with the flipped kernel.
+
+    onnxruntime's grouped ConvTranspose runs a GEMM and a col2im per image and channel (no
+    blocked NCHWc kernel), and the NCHW tensor it writes pulls the following mask Mul out of NCHWc
+    as well: two full-resolution reorders. Zero insertion is a 1x1 depthwise ConvTranspose (no
+    overlap, cheap); the stride-1 Conv runs in NCHWc and keeps its consumers there. Measured on
+    EfficientNet-Lite0 (batch 16): 3x3 at 112x112, 34 -> 17 ms; 5x5 at 56x56, 22 -> 8 ms. Needs a
+    constant depthwise kernel and static spatial sizes; returns None (use ConvTranspose) otherwise.
+    """
+    if w_value is None:
+        return None
+    c_out, c_in_g = w_value.shape[:2]
+    if c_in_g != 1 or group != c_out:
+        return None
+    spatial_in, spatial_out = ctx.spatial_static(x), ctx.spatial_static(dy)
+    if spatial_in is None or spatial_out is None:
+        return None
+    # Z[s*i] = dY[i], length s*(Ho-1)+1; dX[t] = sum_a Wflip[a] Z[t - (k_eff-1-pb) + a*d].
+    pads_begin = [k - 1 - pb for k, pb in zip(kernel_eff, begin)]
+    pads_end = [
+        size + pb - s * (size_out - 1) - 1
+        for size, size_out, s, pb in zip(spatial_in, spatial_out, strides, begin)
+    ]
+    if min(pads_begin + pads_end) < 0:
+        return None
+    inserted = ctx.fresh("zero_inserted")
+    (s_h, *_), tall_pad = strides, pads_end[0] - (strides[0] - 1)
+    if len(strides) == 2 and np.prod(spatial_out) <= 256 and tall_pad >= 0:
+        # Small planes: the per-(image, channel) loop dominates, so insert the zeros into one tall
+        # single-channel image (1, 1, N*C*Ho, Wo). Every plane then ends with s-1 zero rows, which
+        # the Conv's end pad absorbs. 672 channels at 7x7: 2.3 -> 0.8 ms.
+        tall, tall_out = ctx.fresh("tall"), ctx.fresh("tall_inserted")
+        width = strides[1] * (spatial_out[1] - 1) + 1
+        return [
+            make("Reshape", [dy, ctx.const(np.array([1, 1, -1, spatial_out[1]], np.int64))], [tall]),
+            make(
+                "ConvTranspose",
+                [tall, ctx.const(np.ones((1, 1, 1, 1), np.float32), "zero_insert_kernel")],
+                [tall_out],
+                strides=list(strides),
+                output_padding=[s_h - 1, 0],
+            ),
+            make(
+                "Reshape",
+                [tall_out, ctx.const(np.array([-1, c_out, s_h * spatial_out[0], width], np.int64))],
+                [inserted],
+            ),
+            _flipped_conv(
+                ctx, inserted, w_value, group, pads_begin + [tall_pad, pads_end[1]], dilations, out
+            ),
+        ]
+    ones = ctx.const(np.ones((c_out, 1) + (1,) * len(strides), np.float32), "zero_insert_kernel")
+    return [
+        make("ConvTranspose", [dy, ones], [inserted], strides=list(strides), group=group),
+        _flipped_conv(ctx, inserted, w_value, group, pads_begin + pads_end, dilations, out),
+    ]
 
 
 @lowering("ConvTransposeGrad")

@@ -9,7 +9,11 @@
    Exact: Y is the Clip output, so Y − lo and hi − Y are >= 0 and scaled by powers of two; the
    mask is 1 unless Y equals a bound (0 then), or lies within 2^-101 above lo (2^-120 for one
    bound).
-2. Opset 13 when every op of the graph means the same there: onnxruntime's NCHWc pass only
+2. A broadcast of a pooled gradient back over the feature map (GlobalAveragePool's backward:
+   Expand of (N, C, 1, 1) to (N, C, H, W)) becomes a nearest Resize with integer scales
+   (``upsample_broadcasts``), which onnxruntime runs as an NCHWc Upsample: the activation mask
+   after it stays blocked instead of being reordered to NCHW and back. Exact: a copy.
+3. Opset 13 when every op of the graph means the same there: onnxruntime's NCHWc pass only
    rewrites Mul/Add/Relu of opset 13 and older, not the identical opset-14 versions.
 """
 
@@ -166,6 +170,76 @@ def conv_masks(model: onnx.ModelProto, shapes: dict) -> int:
     return len(replaced)
 
 
+def _is_scalar(ctx: GraphContext, shapes: dict, name: str) -> bool:
+    """A one-element tensor: a constant, a recorded shape of one element, or a Cast of one."""
+    if _scalar(ctx, name) is not None or (name in shapes and shapes[name] in ([], [1])):
+        return True
+    node = ctx.producers.get(name)
+    return node is not None and node.op_type == "Cast" and _is_scalar(ctx, shapes, node.input[0])
+
+
+def _shape_of(ctx: GraphContext, shapes: dict, name: str):
+    """The shape of ``name``, looking through a scaling by a scalar (GlobalAveragePool's backward
+    divides by H*W before the Expand, and the builder records no shape for that tensor)."""
+    while name not in shapes:
+        node = ctx.producers.get(name)
+        if node is None or node.op_type not in ("Div", "Mul") or not _is_scalar(ctx, shapes, node.input[1]):
+            return None
+        name = node.input[0]
+    return shapes[name]
+
+
+def upsample_broadcasts(model: onnx.ModelProto, shapes: dict, opset: int) -> int:
+    """Expand (N, C, 1, 1) -> (N, C, H, W) as Resize(nearest, asymmetric, floor). Returns how many."""
+    if opset < 13:
+        return 0
+    ctx = GraphContext(model, shapes)
+    count, new_nodes = 0, []
+    for node in model.graph.node:
+        if node.op_type != "Expand" or node.domain not in ("", "ai.onnx"):
+            continue
+        src, dst = _shape_of(ctx, shapes, node.input[0]), shapes.get(node.output[0])
+        if not src or not dst or len(src) != 4 or len(dst) != 4 or src[0] != dst[0] or src[1] != dst[1]:
+            continue
+        if list(src[2:]) != [1, 1] or not all(isinstance(d, int) and d > 0 for d in dst[1:]):
+            continue
+        # onnxruntime runs Resize as an NCHWc Upsample only when its input is already NCHWc: an
+        # identity 1x1 depthwise Conv on the (N, C, 1, 1) tensor gets it there (exact, ~free).
+        blocked = ctx.fresh("blocked")
+        identity = ctx.const(np.ones((src[1], 1, 1, 1), np.float32), "identity_kernel")
+        new_nodes.append(
+            (
+                node,
+                helper.make_node(
+                    "Conv", [node.input[0], identity], [blocked], name=node.name + "/nchwc", group=src[1]
+                ),
+            )
+        )
+        scales = ctx.const(np.array([1, 1, *dst[2:]], np.float32), "upsample_scales")
+        resize = helper.make_node(
+            "Resize",
+            [blocked, "", scales],
+            list(node.output),
+            name=node.name,
+            mode="nearest",
+            coordinate_transformation_mode="asymmetric",
+            nearest_mode="floor",
+        )
+        node.CopyFrom(resize)
+        count += 1
+    if new_nodes:
+        before = {id(n): conv for n, conv in new_nodes}
+        out = []
+        for node in model.graph.node:
+            if id(node) in before:
+                out.append(before[id(node)])
+            out.append(node)
+        del model.graph.node[:]
+        model.graph.node.extend(out)
+    model.graph.initializer.extend(ctx.new_initializers)
+    return count
+
+
 # Ops whose opset-13 definition computes the same as their newer versions for float32 tensors,
 # given the attribute / input forms checked in ``_same_at_13``.
 _OPSET13_SAFE = {
@@ -210,6 +284,7 @@ _OPSET13_SAFE = {
     "ReduceSum",
     "Relu",
     "Reshape",
+    "Resize",
     "Shape",
     "Sigmoid",
     "Size",
@@ -228,6 +303,9 @@ _OPSET13_SAFE = {
 }
 
 
+_RESIZE_AT_13 = {"mode", "coordinate_transformation_mode", "nearest_mode", "cubic_coeff_a", "exclude_outside"}
+
+
 def _same_at_13(node: onnx.NodeProto, opset: int) -> bool:
     a = attrs(node)
     if node.domain not in ("", "ai.onnx") or node.op_type not in _OPSET13_SAFE:
@@ -237,6 +315,8 @@ def _same_at_13(node: onnx.NodeProto, opset: int) -> bool:
     if node.op_type == "AveragePool" and "dilations" in a:
         return False
     if node.op_type == "Split" and "num_outputs" in a:
+        return False
+    if node.op_type == "Resize" and (len(node.input) > 3 or set(a) - _RESIZE_AT_13):
         return False
     if node.op_type == "Pad" and len(node.input) > 3:  # the axes input arrived in opset 18
         return False
@@ -274,4 +354,4 @@ def lower_opset_to_13(model: onnx.ModelProto, opset: int) -> bool:
     return True
 
 
-__all__ = ["conv_masks", "lower_opset_to_13"]
+__all__ = ["conv_masks", "lower_opset_to_13", "upsample_broadcasts"]
