@@ -19,7 +19,7 @@ from . import metadata
 from .compile import CompiledInfo, head
 from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
-from .providers import default_providers, session_options
+from .providers import default_providers, session_options, with_options
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
 
@@ -185,7 +185,7 @@ class Classifier:
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             self._sessions[key] = ort.InferenceSession(
-                src, session_options(self._threads), providers=self._providers_requested
+                src, session_options(self._threads), providers=with_options(self._providers_requested)
             )
         return self._sessions[key]
 

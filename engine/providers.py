@@ -36,6 +36,17 @@ def default_providers() -> list[str]:
     return [CPU]
 
 
+# TF32 (on by default in onnxruntime's CUDA provider on Ampere and newer) rounds convolution
+# inputs to 10 mantissa bits: the activation masks' power-of-two arithmetic, and gradients "to the
+# last decimal", need full float32.
+CUDA_OPTIONS = {"use_tf32": "0"}
+
+
+def with_options(providers: list[str]) -> list:
+    """The providers as onnxruntime takes them, CUDA with full-float32 options."""
+    return [(p, dict(CUDA_OPTIONS)) if p == CUDA else p for p in providers]
+
+
 def session_options(threads: int | None = None) -> ort.SessionOptions:
     so = ort.SessionOptions()
     so.log_severity_level = 3

@@ -27,6 +27,27 @@ def test_cuda_is_chosen_only_when_a_device_answers(monkeypatch):
     assert providers.default_providers() == ["CPUExecutionProvider"]
 
 
+def test_cuda_sessions_run_in_full_float32(monkeypatch, tmp_path):
+    """TF32 would round convolution inputs to 10 mantissa bits: CUDA sessions turn it off."""
+    import torch.nn as nn
+
+    from engine import model as runtime
+
+    seen, real = [], runtime.ort.InferenceSession
+
+    def record(src, so, providers):
+        seen.append(providers)
+        return real(src, so, providers=["CPUExecutionProvider"])
+
+    monkeypatch.setattr(runtime.ort, "InferenceSession", record)
+    clf = engine.load(
+        export(nn.Sequential(nn.Linear(4, 3)), (4,), tmp_path),
+        providers=["CUDAExecutionProvider", "CPUExecutionProvider"],
+    )
+    clf.predict(np.zeros((1, 4), np.float32))
+    assert seen == [[("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"]]
+
+
 def test_this_machine_reports_the_providers_in_use(tmp_path):
     import torch.nn as nn
 
