@@ -194,49 +194,46 @@ def upsample_broadcasts(model: onnx.ModelProto, shapes: dict, opset: int) -> int
     if opset < 13:
         return 0
     ctx = GraphContext(model, shapes)
-    count, new_nodes = 0, []
+    out, count = [], 0
     for node in model.graph.node:
-        if node.op_type != "Expand" or node.domain not in ("", "ai.onnx"):
-            continue
-        src, dst = _shape_of(ctx, shapes, node.input[0]), shapes.get(node.output[0])
-        if not src or not dst or len(src) != 4 or len(dst) != 4 or src[0] != dst[0] or src[1] != dst[1]:
-            continue
-        if list(src[2:]) != [1, 1] or not all(isinstance(d, int) and d > 0 for d in dst[1:]):
+        expand = node.op_type == "Expand" and node.domain in ("", "ai.onnx")
+        src = _shape_of(ctx, shapes, node.input[0]) if expand else None
+        dst = shapes.get(node.output[0]) if expand else None
+        if (
+            not src
+            or not dst
+            or len(src) != 4
+            or len(dst) != 4
+            or list(src[:2]) != list(dst[:2])
+            or list(src[2:]) != [1, 1]
+            or not all(isinstance(d, int) and d > 0 for d in dst[1:])
+        ):
+            out.append(node)
             continue
         # onnxruntime runs Resize as an NCHWc Upsample only when its input is already NCHWc: an
         # identity 1x1 depthwise Conv on the (N, C, 1, 1) tensor gets it there (exact, ~free).
         blocked = ctx.fresh("blocked")
         identity = ctx.const(np.ones((src[1], 1, 1, 1), np.float32), "identity_kernel")
-        new_nodes.append(
-            (
-                node,
-                helper.make_node(
-                    "Conv", [node.input[0], identity], [blocked], name=node.name + "/nchwc", group=src[1]
-                ),
-            )
-        )
         scales = ctx.const(np.array([1, 1, *dst[2:]], np.float32), "upsample_scales")
-        resize = helper.make_node(
-            "Resize",
-            [blocked, "", scales],
-            list(node.output),
-            name=node.name,
-            mode="nearest",
-            coordinate_transformation_mode="asymmetric",
-            nearest_mode="floor",
-        )
-        node.CopyFrom(resize)
+        out += [
+            helper.make_node(
+                "Conv", [node.input[0], identity], [blocked], name=node.name + "/nchwc", group=src[1]
+            ),
+            helper.make_node(
+                "Resize",
+                [blocked, "", scales],
+                list(node.output),
+                name=node.name,
+                mode="nearest",
+                coordinate_transformation_mode="asymmetric",
+                nearest_mode="floor",
+            ),
+        ]
         count += 1
-    if new_nodes:
-        before = {id(n): conv for n, conv in new_nodes}
-        out = []
-        for node in model.graph.node:
-            if id(node) in before:
-                out.append(before[id(node)])
-            out.append(node)
+    if count:
         del model.graph.node[:]
         model.graph.node.extend(out)
-    model.graph.initializer.extend(ctx.new_initializers)
+        model.graph.initializer.extend(ctx.new_initializers)
     return count
 
 
