@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 
-from engine.methods.common import Target, gaussian_blur, path_gradients, prepare, spatial_axes
+from engine.methods.common import Target, path_gradients, prepare
 from engine.methods.idgi import idgi as idgi_integrate
+from engine.perturb import gaussian_blur, spatial_axes
 from engine.protocol import ClassifierLike
 
 

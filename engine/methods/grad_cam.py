@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.methods.common import Target, prepare, spatial_axes
+from engine.methods.common import Target, prepare
+from engine.perturb import spatial_axes
 from engine.protocol import ClassifierLike
 
 

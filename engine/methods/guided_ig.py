@@ -9,8 +9,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from engine.methods.common import Baseline, Target, make_baseline, output_scores, prepare
+from engine.methods.common import Target, output_scores, prepare
 from engine.methods.idgi import idgi_step
+from engine.perturb import Baseline, make_baseline
 from engine.protocol import ClassifierLike
 
 _EPSILON = 1e-9

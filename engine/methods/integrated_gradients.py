@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.methods.common import Baseline, Target, make_baseline, path_gradients, prepare
+from engine.methods.common import Target, path_gradients, prepare
 from engine.methods.idgi import idgi as idgi_integrate
 from engine.methods.quadrature import alphas_and_weights
+from engine.perturb import Baseline, make_baseline
 from engine.protocol import ClassifierLike
 
 

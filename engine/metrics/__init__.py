@@ -1,0 +1,58 @@
+"""Evaluation metrics: numpy only, talking to a model through ``engine.protocol.ClassifierLike``.
+
+``evaluate(model, x, attributions, metric, target=None, **params)`` runs one of ``METRICS`` and
+returns one ``MetricResult`` per image. Each metric declares ``higher_is_better``, ``needs``
+("forward" or "gradient") and ``maps`` (see ``engine.metrics.base.metric``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from engine.metrics.base import MetricResult, metric
+
+METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
+
+
+def metric_parameters(name: str) -> dict[str, Any]:
+    """The tunable parameters of a metric and their defaults (the keyword-only ones)."""
+    sig = inspect.signature(METRICS[name])
+    return {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def evaluate(
+    model: Any,
+    x: np.ndarray,
+    attributions: np.ndarray | None,
+    metric: str,
+    *,
+    target: Any = None,
+    **params: Any,
+) -> list[MetricResult]:
+    """Score attribution maps of a batch ``x`` with ``metric``; one result per image.
+
+    model: a Classifier (any ClassifierLike) or a path to an ONNX file. attributions: shaped like
+    ``x``, or (N, H, W), or at mask resolution where the metric says so. target: None (top-1 on the
+    clean image), a class id or one per image. params: the metric's own (``metric_parameters``).
+    """
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+    known = metric_parameters(metric)
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise TypeError(
+            f"{metric}() got unknown parameter(s) {', '.join(unknown)}; it takes: {', '.join(known)}"
+        )
+    if isinstance(model, (str, os.PathLike)):
+        from engine.model import load
+
+        model = load(model)
+    return METRICS[metric](model, x, attributions, target, **params)
+
+
+__all__ = ["METRICS", "MetricResult", "evaluate", "metric", "metric_parameters"]
