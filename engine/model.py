@@ -17,15 +17,12 @@ import onnxruntime as ort
 
 from . import metadata
 from .compile import CompiledInfo, head
+from .errors import InputError
 from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
 from .providers import default_providers, session_options, with_options
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
-
-
-class InputError(ValueError):
-    """Bad input to a Classifier call: the message names the shape, dtype, value or class."""
 
 
 def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:

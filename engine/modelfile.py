@@ -12,11 +12,9 @@ import onnx
 from onnx import TensorProto
 from onnx.external_data_helper import uses_external_data
 
+from .errors import ModelFileError
+
 MAX_MODEL_BYTES = 4 * 1024**3
-
-
-class ModelFileError(ValueError):
-    """A model file that onnxplain refuses; the message names the file and the fault."""
 
 
 @dataclass

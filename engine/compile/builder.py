@@ -17,13 +17,11 @@ from pathlib import Path
 
 import platformdirs
 
+from ..errors import BuilderError
+
 BUILDER_REQUIREMENTS = ["onnxruntime-training-cpu==1.19.2", "numpy<2.3"]
 ENV_VAR = "ONNXPLAIN_BUILDER_PYTHON"
 WORKER = Path(__file__).with_name("builder_worker.py")
-
-
-class BuilderError(RuntimeError):
-    """The builder interpreter is missing or failed; the message says how to fix it."""
 
 
 def default_venv() -> Path:

@@ -14,13 +14,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from ..errors import LoweringError
 from .graph import GraphContext, attrs
 
 LOWERINGS: dict[tuple[str, str], Callable] = {}
-
-
-class LoweringError(ValueError):
-    """A gradient op that cannot be lowered: names the node, the op and what to do."""
 
 
 def lowering(op_type: str, domain: str = "com.microsoft"):

@@ -14,15 +14,12 @@ import numpy as np
 import onnx
 from onnx import helper, version_converter
 
+from ..errors import UnsupportedModelError
 from .graph import GraphContext, attrs, infer_shapes, opset_version
 
 MIN_OPSET, MAX_OPSET = 13, 21
 # ScatterElements(reduction="add"), used by the pooling and gather lowerings, needs opset 16.
 TARGET_MIN_OPSET = 16
-
-
-class UnsupportedModelError(ValueError):
-    """The model uses something onnxplain cannot differentiate; the message says what to do."""
 
 
 # Ops with no gradient in the builder and no rewrite here, with the advice given to the user.
