@@ -1,37 +1,136 @@
-"""Image files -> model input: decode, resize (shorter side) and centre-crop, [0, 1], layout."""
+"""Image files -> model input: decode, orient, resize (shorter side), centre-crop, scale, layout.
+
+Every image file is untrusted input. Before any pixel is decoded the file must be a regular file
+(a named pipe would block forever) and its header size within ``ONNXPLAIN_MAX_IMAGE_PIXELS``;
+the resize works on the source region that the crop keeps, so an extreme aspect ratio (a
+4,000,000×1 PNG) never makes a huge intermediate image. Samples are scaled by their own bit
+depth (a 16-bit PNG by 65,535, not clipped to 255), EXIF orientation is applied, and each image
+gets a record of how it was decoded, resized and cropped (`ImageRecord`), which results keep.
+"""
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import ImageError, InputError
+from .modelfile import regular_file
+from .providers import env_int
+
+DEFAULT_MAX_PIXELS = 100_000_000  # a 10,000 × 10,000 photo; Pillow's own bomb limit is 89M/179M
+MAX_PIXELS_VAR = "ONNXPLAIN_MAX_IMAGE_PIXELS"
+_SIXTEEN_BIT = {"I;16", "I;16L", "I;16B", "I;16N"}
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """How one file became one model input (kept in result records, so a map can be reproduced)."""
+
+    path: str
+    format: str | None
+    mode: str  # Pillow's mode of the decoded file ("RGB", "I;16", "P", ...)
+    size: tuple[int, int]  # (width, height) as stored
+    orientation: int  # EXIF orientation tag applied (1: none)
+    scale: str  # how samples became [0, 1]: "/255", "/65535", "float"
+    converted: str  # colour conversion, e.g. "RGBA->RGB (alpha dropped)", "none"
+    crop: tuple[float, float, float, float]  # source box (left, top, right, bottom) after orientation
+    resized_to: tuple[int, int]  # (width, height) fed to the model
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 def load_images(
     paths, input_shape: tuple[int, ...], layout: str | None, input_range: tuple[float, float] = (0.0, 1.0)
 ) -> np.ndarray:
     """A float32 batch shaped (N, *input_shape) from image files, scaled to ``input_range``."""
+    return read_images(paths, input_shape, layout, input_range)[0]
+
+
+def read_images(
+    paths, input_shape: tuple[int, ...], layout: str | None, input_range: tuple[float, float] = (0.0, 1.0)
+) -> tuple[np.ndarray, list[ImageRecord]]:
+    """The batch of :func:`load_images` and one :class:`ImageRecord` per file."""
     if layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"the model's layout is {layout!r}; image files need an NCHW or NHWC image model")
+        raise InputError(f"the model's layout is {layout!r}; image files need an NCHW or NHWC image model")
     c, h, w = input_shape if layout == "NCHW" else (input_shape[2], input_shape[0], input_shape[1])
-    batch = []
+    if c not in (1, 3):
+        raise InputError(f"the model takes {c} channels; image files give 1 (grayscale) or 3 (RGB)")
+    limit = env_int(MAX_PIXELS_VAR, DEFAULT_MAX_PIXELS, minimum=1)
+    batch, records = [], []
     for p in paths:
-        try:
-            img = Image.open(Path(p))
-            img = img.convert("RGB" if c == 3 else "L")
-        except Exception as e:
-            raise ValueError(f"{p}: cannot read image ({e})") from e
-        arr = np.asarray(resize_center_crop(img, h, w), np.float32) / 255.0
-        arr = arr.reshape(h, w, c)
+        arr, record = _read_one(Path(p), c, h, w, limit)
         batch.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
+        records.append(record)
+    if not batch:
+        raise InputError("no image files given")
     lo, hi = input_range
-    return (np.stack(batch) * (hi - lo) + lo).astype(np.float32)
+    return (np.stack(batch) * (hi - lo) + lo).astype(np.float32), records
 
 
-def resize_center_crop(img: Image.Image, h: int, w: int) -> Image.Image:
-    scale = max(h / img.height, w / img.width)
-    size = (max(w, round(img.width * scale)), max(h, round(img.height * scale)))
-    img = img.resize(size, Image.BILINEAR)
-    left, top = (img.width - w) // 2, (img.height - h) // 2
-    return img.crop((left, top, left + w, top + h))
+def _read_one(path: Path, c: int, h: int, w: int, limit: int) -> tuple[np.ndarray, ImageRecord]:
+    regular_file(path, "image file", ImageError)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > limit:  # the header is read, no pixel decoded yet
+                raise ImageError(
+                    f"{path}: {width}×{height} = {width * height} pixels exceeds the limit of {limit} "
+                    f"({MAX_PIXELS_VAR})"
+                )
+            fmt, mode = img.format, img.mode
+            orientation = int(img.getexif().get(0x0112, 1) or 1)
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            planes, scale, converted = _planes(img, c)
+    except ImageError:
+        raise
+    except (UnidentifiedImageError, Image.DecompressionBombError) as e:
+        raise ImageError(f"{path}: cannot read image ({e})") from e
+    except (OSError, ValueError, SyntaxError, EOFError, MemoryError) as e:  # truncated or corrupt data
+        raise ImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    box = _crop_box(planes[0].width, planes[0].height, h, w)
+    out = np.stack([np.asarray(q.resize((w, h), Image.BILINEAR, box=box), np.float32) for q in planes], -1)
+    if scale == "/255":
+        out = out / 255.0
+    if scale == "float" and not (np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0):
+        raise ImageError(f"{path}: floating-point samples must lie in [0, 1]")
+    record = ImageRecord(str(path), fmt, mode, (width, height), orientation, scale, converted, box, (w, h))
+    return out.astype(np.float32), record
+
+
+def _planes(img: Image.Image, c: int) -> tuple[list[Image.Image], str, str]:
+    """The image as ``c`` single-band planes Pillow can resize, how samples scale, and the conversion.
+
+    8-bit data stays uint8 through the resize (bit-identical to resizing an RGB image); 16-bit and
+    32-bit integer data become float planes already divided by 65,535, never clipped to 8 bits.
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT or mode == "I":
+        a = np.asarray(img, dtype=np.float64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise ImageError(f"{getattr(img, 'filename', '')}: {mode} samples outside the 16-bit range")
+        plane = Image.fromarray((a / 65535.0).astype(np.float32), mode="F")
+        return [plane] * c, "/65535", "gray->RGB (replicated)" if c == 3 else "none"
+    if mode == "F":
+        return [img] * c, "float", "gray->RGB (replicated)" if c == 3 else "none"
+    target = "RGB" if c == 3 else "L"
+    converted = "none"
+    if mode != target:
+        dropped = " (alpha dropped)" if "A" in mode or "transparency" in img.info else ""
+        converted = f"{mode}->{target}{dropped}"
+        img = img.convert(target)
+    return list(img.split()), "/255", converted
+
+
+def _crop_box(width: int, height: int, h: int, w: int) -> tuple[float, float, float, float]:
+    """The source region that scaling the shorter side to the model and centre-cropping keeps."""
+    scale = max(h / height, w / width)
+    # Same arithmetic as resizing the whole image to round(side*scale) and cropping its centre.
+    rw, rh = max(w, round(width * scale)), max(h, round(height * scale))
+    left, top = (rw - w) // 2, (rh - h) // 2
+    sx, sy = width / rw, height / rh
+    return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)

@@ -8,6 +8,7 @@ travel with the file.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,17 +56,32 @@ def read(model: onnx.ModelProto) -> ModelInfo:
         key = p.key[len(PREFIX) :]
         try:
             value = json.loads(p.value)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"metadata {p.key!r} is not valid JSON: {p.value[:80]!r}") from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"metadata {p.key[:80]!r} is not valid JSON: {p.value[:80]!r}") from e
         if key in known:
             setattr(info, key, value)
         else:
             info.extra[key] = value
     if info.layout is not None and info.layout not in ("NCHW", "NHWC"):
-        raise ValueError(f"metadata onnxplain.layout must be NCHW or NHWC, got {info.layout!r}")
+        raise ValueError(f"metadata onnxplain.layout must be NCHW or NHWC, got {str(info.layout)[:40]!r}")
     if info.input_range is not None:
-        lo, hi = (float(v) for v in info.input_range)
-        if not lo < hi:
-            raise ValueError(f"metadata onnxplain.input_range must be (low, high), got {info.input_range}")
-        info.input_range = (lo, hi)
+        r = info.input_range
+        ok = isinstance(r, (list, tuple)) and len(r) == 2 and all(_is_number(v) for v in r)
+        if not ok or not float(r[0]) < float(r[1]):
+            raise ValueError(f"metadata onnxplain.input_range must be [low, high] numbers, got {str(r)[:60]}")
+        info.input_range = (float(r[0]), float(r[1]))
+    if info.labels is not None and (
+        not isinstance(info.labels, list) or not all(isinstance(v, str) for v in info.labels)
+    ):
+        raise ValueError("metadata onnxplain.labels must be a JSON list of strings")
+    if not isinstance(info.preprocessing, dict):
+        raise ValueError("metadata onnxplain.preprocessing must be a JSON object")
+    for key in ("mean", "std"):
+        v = info.preprocessing.get(key)
+        if v is not None and not (isinstance(v, list) and all(_is_number(e) for e in v)):
+            raise ValueError(f"metadata onnxplain.preprocessing.{key} must be a list of numbers")
     return info
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

@@ -17,12 +17,13 @@ import onnxruntime as ort
 
 from . import metadata
 from .compile import CompiledInfo, head
-from .errors import InputError
+from .errors import InputError, ModelFileError, OnnxplainError, RuntimeFailure
 from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
-from .providers import default_providers, session_options, with_options
+from .providers import check_providers, default_providers, env_int, session_options, with_options
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:
@@ -34,7 +35,29 @@ def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:
         binding.bind_cpu_input(name, value)
     for name, dest in outputs.items():
         binding.bind_output(name, "cpu", 0, dest.dtype, list(dest.shape), dest.ctypes.data)
-    sess.run_with_iobinding(binding)
+    with _runtime_errors("run"):
+        sess.run_with_iobinding(binding)
+
+
+class _runtime_errors:
+    """Turn onnxruntime's own exceptions (Fail, InvalidArgument, ... — plain Exceptions from its
+    C++ core) into RuntimeFailure with one line saying what was being done."""
+
+    def __init__(self, doing: str, where: str = ""):
+        self.doing, self.where = doing, where
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, e, tb):
+        if e is None or isinstance(e, (OnnxplainError, KeyboardInterrupt, MemoryError)):
+            return False
+        if not isinstance(e, Exception):
+            return False
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        prefix = f"{self.where}: " if self.where else ""
+        message = f"{prefix}onnxruntime failed to {self.doing}: {type(e).__name__}: {first}"
+        raise RuntimeFailure(message) from e
 
 
 class Classifier:
@@ -50,14 +73,29 @@ class Classifier:
         threads: int | None = None,
     ):
         self._mf = mf
-        self.info = metadata.read(mf.model)
-        self._providers_requested = list(providers) if providers else default_providers()
+        try:
+            self.info = metadata.read(mf.model)
+        except ValueError as e:
+            raise ModelFileError(f"{mf.where}: {e}") from e
+        labels = self.info.labels
+        if labels is not None and len(labels) != mf.num_classes:
+            raise ModelFileError(
+                f"{mf.where}: metadata onnxplain.labels has {len(labels)} labels but the model has "
+                f"{mf.num_classes} classes"
+            )
+        self._providers_requested = check_providers(providers) if providers else default_providers()
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
+            raise InputError(f"threads must be a non-negative integer, got {threads!r}")
         self._threads = threads
         self._sessions: dict = {}
         self._compiled: dict = {}
         if gradient_model is not None:
             self._add_gradient_model(gradient_model)
-        self.batch_size = batch_size or self._default_batch_size()
+        if batch_size is not None and (
+            isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1
+        ):
+            raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = int(batch_size) if batch_size else self._default_batch_size()
 
     # ------------------------------------------------------------------ properties
     @property
@@ -154,7 +192,8 @@ class Classifier:
             if tap_shape is None:
                 tap_shape = self._tap_shape(sess, x[s])
             feeds[head.TAP_DELTA] = np.zeros((len(x[s]), *tap_shape), np.float32)
-            results.append(sess.run([info.scores, info.tap, info.tap_gradient], feeds))
+            with _runtime_errors("run the Grad-CAM gradient model", self._mf.where):
+                results.append(sess.run([info.scores, info.tap, info.tap_gradient], feeds))
         scores, act, grad = (np.concatenate(parts) for parts in zip(*results))
         if layer is None and self.layout == "NHWC" and act.ndim == 4:
             # the automatic tap is an ONNX Conv output (channels-first): hand it over in the
@@ -181,9 +220,11 @@ class Classifier:
     def _session(self, key, model_bytes=None):
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
-            self._sessions[key] = ort.InferenceSession(
-                src, session_options(self._threads), providers=with_options(self._providers_requested)
-            )
+            what = "the gradient model of" if key != "forward" else "the model"
+            with _runtime_errors(f"load {what}", self._mf.where):
+                self._sessions[key] = ort.InferenceSession(
+                    src, session_options(self._threads), providers=with_options(self._providers_requested)
+                )
         return self._sessions[key]
 
     def _add_gradient_model(self, source) -> None:
@@ -191,13 +232,16 @@ class Classifier:
             model, where = source, "gradient model"
         else:
             where = "gradient model bytes" if isinstance(source, bytes) else str(source)
-            raw = source if isinstance(source, bytes) else read_model_bytes(Path(source))
+            raw = source if isinstance(source, bytes) else read_model_bytes(Path(source), "gradient model")
             model = onnx.ModelProto()
             try:
                 model.ParseFromString(raw)
             except Exception as e:
                 raise InputError(f"{where}: not an ONNX gradient model ({e})") from e
-        info = CompiledInfo.from_model(model)
+        try:
+            info = CompiledInfo.from_model(model)
+        except (ValueError, TypeError, RecursionError) as e:
+            raise InputError(f"{where}: its onnxplain.gradient metadata does not parse ({e})") from e
         if info is None:
             raise InputError(
                 f"{where}: not an onnxplain gradient model (no onnxplain.gradient "
@@ -227,15 +271,14 @@ class Classifier:
                 )
             from .compile.cache import cached_gradient_model
 
-            path = cached_gradient_model(self._mf, rule=rule, layer=layer)
-            data = path.read_bytes()
+            data = cached_gradient_model(self._mf, rule=rule, layer=layer)
             info = CompiledInfo.from_model(onnx.load_from_string(data))
             self._compiled[key] = (data, info)
         data, info = self._compiled[key]
         return self._session(("gradient",) + key, data), info
 
     def _default_batch_size(self) -> int:
-        budget = int(os.environ.get("ONNXPLAIN_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET))
+        budget = env_int("ONNXPLAIN_MEMORY_BUDGET", DEFAULT_MEMORY_BUDGET, minimum=1, sizes=True)
         per_example = _activation_bytes_per_example(self._mf.model)
         return int(max(1, min(1024, budget // max(per_example, 1))))
 
@@ -252,6 +295,7 @@ class Classifier:
         x = np.asarray(x)
         if x.dtype.kind != "f":
             raise InputError(f"input must be floating point, got dtype {x.dtype}")
+        check_float32_range(x)
         expected = self.input_shape
         if x.ndim != len(expected) + 1:
             raise InputError(
@@ -319,6 +363,20 @@ class Classifier:
         )
 
 
+def check_float32_range(x: np.ndarray) -> None:
+    """Wider floats beyond float32's range would become Inf in the cast and slip past the NaN/Inf
+    check: refuse them before casting."""
+    if x.dtype.itemsize > 4 and x.size:
+        with np.errstate(invalid="ignore"):
+            big = np.abs(x) > FLOAT32_MAX
+        if big.any():
+            first = tuple(int(i) for i in np.argwhere(big)[0])
+            raise InputError(
+                f"input holds {int(big.sum())} values beyond the float32 range (±{FLOAT32_MAX:.4g}; "
+                f"first at index {first}: {x[first]!r})"
+            )
+
+
 def _builder_available() -> bool:
     from .compile.builder import BuilderError, builder_python
 
@@ -349,15 +407,22 @@ def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
 
 
 def load(
-    model, *, providers=None, gradient_model=None, batch_size: int | None = None, threads: int | None = None
+    model,
+    *,
+    providers=None,
+    gradient_model=None,
+    batch_size: int | None = None,
+    threads: int | None = None,
+    base_dir: str | os.PathLike | None = None,
 ) -> Classifier:
     """Load an ONNX classifier. ``gradient_model``: a gradient model written by
     ``onnxplain compile`` (no builder needed then). ``batch_size``: rows per runtime call
-    (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes)."""
+    (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes). ``base_dir``: the folder
+    an in-memory model (bytes, ModelProto) reads its external data from; a file uses its own."""
     if isinstance(model, Classifier):
         return model
     return Classifier(
-        read_model(model),
+        read_model(model, base_dir=base_dir),
         providers=providers,
         gradient_model=gradient_model,
         batch_size=batch_size,

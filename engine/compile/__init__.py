@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import re
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .graph import (
 from .lower import LoweringError, lower
 from .optimize import conv_masks, lower_opset_to_13, upsample_broadcasts
 from .prepass import UnsupportedModelError, prepass
+from .scratch import scratch_dir
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
 COMPILER_VERSION = "6"
@@ -154,7 +154,7 @@ def _with_head(fwd, mf: ModelFile, shapes, tap) -> onnx.ModelProto:
 
 def _build(headed, mf, tap, rule, where) -> onnx.ModelProto:
     wrt = [mf.input_name] + ([head.TAP_DELTA] if tap else [])
-    with tempfile.TemporaryDirectory(prefix="onnxplain-build-") as tmp:
+    with scratch_dir("build-") as tmp:
         src, dst = Path(tmp) / "head.onnx", Path(tmp) / "grad.onnx"
         onnx.save(headed, src)
         try:

@@ -7,7 +7,6 @@ to float rounding; tests compare the rewritten forward graph with the original.
 from __future__ import annotations
 
 import math
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from onnx import helper, version_converter
 
 from ..errors import UnsupportedModelError
 from .graph import GraphContext, attrs, infer_shapes, opset_version
+from .scratch import scratch_dir
 
 MIN_OPSET, MAX_OPSET = 13, 21
 # ScatterElements(reduction="add"), used by the pooling and gather lowerings, needs opset 16.
@@ -74,7 +74,7 @@ def fold_constant_subgraphs(model: onnx.ModelProto) -> onnx.ModelProto:
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     so.log_severity_level = 3
-    with tempfile.TemporaryDirectory(prefix="onnxplain-fold-") as tmp:
+    with scratch_dir("fold-") as tmp:
         so.optimized_model_filepath = str(Path(tmp) / "folded.onnx")
         ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
         folded = onnx.load(so.optimized_model_filepath)

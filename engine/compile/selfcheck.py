@@ -7,7 +7,6 @@ known-bad cases, which the test suite checks against torch instead.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import onnx
 from . import builder, head
 from .graph import attrs
 from .lower import LoweringError
+from .scratch import scratch_dir
 
 CHECK_BATCH = 2
 TOLERANCE = 1e-6  # max abs error relative to the largest |gradient|; measured <= 2e-7 on the zoo
@@ -78,7 +78,7 @@ def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
         ]
         feeds[head.TAP_DELTA] = np.zeros(tap_dims, np.float32)
         outputs.append(info.tap_gradient)
-    with tempfile.TemporaryDirectory(prefix="onnxplain-check-") as tmp:
+    with scratch_dir("check-") as tmp:
         t = Path(tmp)
         onnx.save(static, t / "head.onnx")
         builder.call(
