@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from .errors import InputError
+from .errors import OverwriteError
 
 TEMP_SUFFIX = ".tmp"
 
@@ -40,9 +40,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def refuse_overwrite(
-    output: str | os.PathLike, inputs: Iterable[str | os.PathLike], option: str = "-o"
+    output: str | os.PathLike,
+    inputs: Iterable[str | os.PathLike | None],
+    option: str = "-o",
+    error: type[Exception] = OverwriteError,
 ) -> None:
-    """Raise InputError when ``output`` is one of ``inputs`` (the same file: same device and inode,
+    """Raise ``error`` when ``output`` is one of ``inputs`` (the same file: same device and inode,
     so hard links and symbolic links are caught too)."""
     out = Path(output)
     if not out.exists():
@@ -55,4 +58,4 @@ def refuse_overwrite(
         except OSError:
             continue
         if same:
-            raise InputError(f"{option} {out} is the input file {item}; refusing to overwrite it")
+            raise error(f"{option} {out} is the input file {item}; refusing to overwrite it")

@@ -1,22 +1,65 @@
-"""The onnxplain command."""
+"""The onnxplain command.
+
+Exit codes: 0 success, 1 failure (a bad model, image or fault: one line on stderr), 2 usage
+(an unknown option, method or parameter; a malformed --params or --target; an output that is
+one of the inputs), 130 interrupted.
+Every string that comes from a model file is printed through ``printable`` (no terminal escapes).
+ONNXPLAIN_DEBUG=1 prints the traceback of a failure as well.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import numpy as np
+
+from .errors import InputError, OnnxplainError, OverwriteError
+from .text import printable
+
+EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+
+class UsageError(InputError):
+    """A command-line option that cannot be used (exit code 2)."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
 
 
 def _cmd_builder(args) -> int:
     from .compile import builder
 
     if args.action == "install":
-        py = builder.install(args.path, quiet=not args.verbose)
+        py = builder.install(args.path, quiet=not args.verbose, force=args.force)
         print(f"builder interpreter: {py}")
     else:
         print(f"builder interpreter: {builder.builder_python()} (onnxruntime {builder.version()})")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from .compile import cache
+
+    if args.action == "clear":
+        print(f"removed {cache.clear()} entries from {cache.cache_dir()}")
+        return 0
+    found = cache.entries()
+    total = sum(e.bytes for e in found)
+    print(f"{cache.cache_dir()}: {len(found)} entries, {total / 2**20:.1f} MiB")
+    for e in found:
+        r = e.record
+        source = printable(r.get("source", r.get("status", "?")))
+        print(f"  {e.key}  {e.bytes / 2**20:8.1f} MiB  {r.get('rule', '?'):16s} {source}")
     return 0
 
 
@@ -29,7 +72,7 @@ def _cmd_compile(args) -> int:
     check = info.self_check or {"status": "not run"}
     print(
         f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
-        f"{', '.join(info.lowered_ops) or 'nothing'}; self-check {check['status']}"
+        f"{printable(', '.join(info.lowered_ops) or 'nothing')}; self-check {check['status']}"
     )
     if check.get("status") == "passed":
         g = check[info.input_gradient]
@@ -38,7 +81,7 @@ def _cmd_compile(args) -> int:
             f"(scale {g['scale']:.3g})"
         )
     elif check.get("reason"):
-        print(f"  reason: {check['reason']}")
+        print(f"  reason: {printable(check['reason'])}")
     return 0
 
 
@@ -57,13 +100,13 @@ def _cmd_info(args) -> int:
         "layout": clf.layout,
         "input_range": clf.input_range,
         "num_classes": clf.num_classes,
-        "labels": (clf.labels or [])[:5],
-        "source_framework": clf.info.source_framework,
+        "labels": [printable(s) for s in (clf.labels or [])[:5]],
+        "source_framework": printable(clf.info.source_framework),
         "preprocessing": clf.info.preprocessing,
         "batch_size": clf.batch_size,
         "providers": clf.providers,
     }
-    print(json.dumps(info, indent=2))
+    print(json.dumps(info, indent=2))  # json escapes the remaining controls (\u001b)
     return 0
 
 
@@ -76,24 +119,77 @@ def _cmd_predict(args) -> int:
     z = logits - logits.max(axis=1, keepdims=True)
     p = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
     for path, row in zip(args.images, p):
-        print(path)
+        print(printable(path))
         for k in np.argsort(-row)[: args.top]:
-            label = clf.labels[k] if clf.labels else str(k)
+            label = printable(clf.labels[k]) if clf.labels else str(k)
             print(f"  {row[k]:7.2%}  {k:5d}  {label}")
     return 0
 
 
+def _params(text: str | None, method: str) -> dict:
+    from .methods import method_parameters
+
+    if not text:
+        return {}
+    try:
+        params = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"--params is not valid JSON ({e}): {text[:80]!r}") from None
+    if not isinstance(params, dict):
+        raise UsageError(
+            f"--params must be a JSON object like '{{\"steps\": 32}}', got {type(params).__name__}"
+        )
+    known = set(method_parameters(method)) - {"output"}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise UsageError(
+            f"--params: {method} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(known))}"
+        )
+    return params
+
+
+def _target(text: str | None, labels: list[str] | None, num_classes: int) -> int | None:
+    """--target: a class index or a class name from the model's labels."""
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        matches = [k for k, name in enumerate(labels or []) if name == text]
+        if len(matches) == 1:
+            return matches[0]
+        if not labels:
+            raise UsageError(
+                f"--target {printable(text)!r} is not a class index and the model has no labels"
+            ) from None
+        what = (
+            "names several classes" if matches else "is neither a class index nor one of the model's labels"
+        )
+        raise UsageError(f"--target {printable(text)!r} {what}") from None
+    if not 0 <= value < num_classes:
+        raise UsageError(
+            f"--target {value} is out of range: the model has {num_classes} classes (0..{num_classes - 1})"
+        )
+    return value
+
+
 def _cmd_explain(args) -> int:
+    import io
     import platform
 
     from . import __version__, explain
-    from .atomic import atomic_write_bytes
-    from .images import load_images
+    from .atomic import atomic_write_bytes, refuse_overwrite
+    from .images import read_images
+    from .methods import METHODS
 
+    if args.method not in METHODS:
+        raise UsageError(f"-m/--method {args.method!r} is not a method; known: {', '.join(METHODS)}")
+    params = _params(args.params, args.method)
+    refuse_overwrite(args.out, [args.model, args.gradient_model, *args.images], "-o")
     clf = _load(args)
-    x = load_images(args.images, clf.input_shape, clf.layout, clf.input_range)
-    params = json.loads(args.params) if args.params else {}
-    target = None if args.target is None else int(args.target)
+    refuse_overwrite(args.out, clf.data_files, "-o")
+    target = _target(args.target, clf.labels, clf.num_classes)
+    x, decoded = read_images(args.images, clf.input_shape, clf.layout, clf.input_range)
     maps = explain(clf, x, args.method, target=target, output=args.output, **params)
     record = {  # enough to reproduce the maps from the record alone
         "onnxplain": __version__,
@@ -104,27 +200,36 @@ def _cmd_explain(args) -> int:
         "target": target,
         "output": args.output,
         "images": list(args.images),
+        "decoded": [r.to_dict() for r in decoded],
         "providers": clf.providers,
         "python": platform.python_version(),
     }
-    import io
-
     buf = io.BytesIO()
     np.savez_compressed(buf, attributions=maps, inputs=x, record=json.dumps(record))
     atomic_write_bytes(args.out, buf.getvalue())
-    print(f"wrote {args.out}: {args.method} maps {maps.shape}, record {json.dumps(record)[:120]}...")
+    shape = maps.shape if isinstance(maps, np.ndarray) else maps[0].shape
+    print(f"wrote {printable(args.out)}: {args.method} maps {shape}")
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="onnxplain", description="Explain ONNX classifiers.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnxplain",
+        description="Explain ONNX classifiers.",
+        epilog="exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("builder", help="manage the gradient-builder interpreter")
     p.add_argument("action", choices=["install", "show"])
     p.add_argument("--path", help="venv folder (default: the user data directory)")
+    p.add_argument("--force", action="store_true", help="replace a broken or foreign builder folder")
     p.add_argument("--verbose", action="store_true")
     p.set_defaults(func=_cmd_builder)
+
+    p = sub.add_parser("cache", help="list or clear the compiled gradient models")
+    p.add_argument("action", choices=["list", "clear"])
+    p.set_defaults(func=_cmd_cache)
 
     p = sub.add_parser("compile", help="write a standalone gradient model (explain anywhere)")
     p.add_argument("model")
@@ -142,7 +247,7 @@ def main(argv=None) -> int:
     p.add_argument("model")
     p.add_argument("--gradient-model", help=argparse.SUPPRESS)
     p.add_argument("images", nargs="+")
-    p.add_argument("--top", type=int, default=5)
+    p.add_argument("--top", type=_positive_int, default=5)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("explain", help="attribution maps for image files, saved as .npz with a record")
@@ -150,18 +255,40 @@ def main(argv=None) -> int:
     p.add_argument("images", nargs="+")
     p.add_argument("-m", "--method", default="integrated_gradients")
     p.add_argument("-o", "--out", default="attributions.npz")
-    p.add_argument("--target", help="class index (default: the top-1 prediction)")
+    p.add_argument("--target", help="class index or class name (default: the top-1 prediction)")
     p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
-    p.add_argument("--params", help="method parameters as JSON, e.g. '{\"steps\": 32}'")
+    p.add_argument("--params", help="method parameters as a JSON object, e.g. '{\"steps\": 32}'")
     p.add_argument("--gradient-model", help="a gradient model from `onnxplain compile`")
     p.set_defaults(func=_cmd_explain)
+    return parser
 
-    args = parser.parse_args(argv)
+
+def _fail(message: str, code: int) -> int:
+    print(f"onnxplain: error: {printable(message)}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
     try:
         return args.func(args)
-    except (ValueError, RuntimeError, OSError, TypeError) as e:
-        print(f"onnxplain: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("onnxplain: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # `onnxplain ... | head`: the reader left, nothing to report
+        return EXIT_FAILURE
+    except Exception as e:
+        if os.environ.get("ONNXPLAIN_DEBUG"):
+            raise
+        if isinstance(e, (UsageError, OverwriteError)):
+            return _fail(str(e), EXIT_USAGE)
+        if isinstance(e, OnnxplainError):
+            return _fail(str(e), EXIT_FAILURE)
+        # Not raised on purpose: an onnxruntime or protobuf exception, an OS error, or a bug.
+        kind = type(e).__name__
+        if isinstance(e, OSError):
+            return _fail(f"{e.filename or ''}: {e.strerror or e}" if e.filename else str(e), EXIT_FAILURE)
+        return _fail(f"{kind}: {e} (ONNXPLAIN_DEBUG=1 shows the traceback)", EXIT_FAILURE)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,14 @@ class InputError(OnnxplainError, ValueError):
     """Bad input to a call: the message names the shape, dtype, value, class or option."""
 
 
+class ParameterError(InputError, TypeError):
+    """An unknown or misspelt parameter name (a TypeError too, as Python raises for bad keywords)."""
+
+
+class OverwriteError(InputError):
+    """An output path that is one of the inputs (same file by inode): nothing is written."""
+
+
 class ModelFileError(OnnxplainError, ValueError):
     """A model file that onnxplain refuses; the message names the file and the fault."""
 
@@ -47,6 +55,8 @@ class RuntimeFailure(OnnxplainError, RuntimeError):
 __all__ = [
     "OnnxplainError",
     "InputError",
+    "ParameterError",
+    "OverwriteError",
     "ModelFileError",
     "ImageError",
     "UnsupportedModelError",

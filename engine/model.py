@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from . import metadata
+from .checked import check_float32_range
 from .compile import CompiledInfo, head
 from .errors import InputError, ModelFileError, OnnxplainError, RuntimeFailure
 from .modelfile import ModelFile, read_model, read_model_bytes
@@ -23,10 +24,9 @@ from .protocol import OUTPUTS, RULES
 from .providers import check_providers, default_providers, env_int, session_options, with_options
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
-FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
-def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:
+def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict, where: str = "") -> None:
     """Run ``sess`` with its outputs written straight into the given contiguous numpy views (row
     slices of the caller's result arrays): no per-call output allocation and no copy, which for
     input gradients is a pass over as much memory as the input itself."""
@@ -35,7 +35,7 @@ def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict) -> None:
         binding.bind_cpu_input(name, value)
     for name, dest in outputs.items():
         binding.bind_output(name, "cpu", 0, dest.dtype, list(dest.shape), dest.ctypes.data)
-    with _runtime_errors("run"):
+    with _runtime_errors("run", where):
         sess.run_with_iobinding(binding)
 
 
@@ -86,6 +86,8 @@ class Classifier:
         self._providers_requested = check_providers(providers) if providers else default_providers()
         if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 0):
             raise InputError(f"threads must be a non-negative integer, got {threads!r}")
+        if threads is None:  # read now, so a bad ONNXPLAIN_THREADS is reported at load
+            env_int("ONNXPLAIN_THREADS", 0, minimum=0)
         self._threads = threads
         self._sessions: dict = {}
         self._compiled: dict = {}
@@ -105,6 +107,11 @@ class Classifier:
     @property
     def sha256(self) -> str:
         return self._mf.sha256
+
+    @property
+    def data_files(self) -> tuple[Path, ...]:
+        """The external-data files the model's weights were read from (outputs must not be these)."""
+        return self._mf.data_files
 
     @property
     def layout(self) -> str | None:
@@ -139,7 +146,7 @@ class Classifier:
         sess = self._session("forward")
         out = np.empty((len(x), self.num_classes), np.float32)
         for s in self._chunks(len(x)):
-            _run_into(sess, {self._mf.input_name: x[s]}, {self._mf.output_name: out[s]})
+            _run_into(sess, {self._mf.input_name: x[s]}, {self._mf.output_name: out[s]}, self._mf.where)
         return out
 
     def gradient(
@@ -170,7 +177,7 @@ class Classifier:
             outputs = {info.scores: scores[s], info.input_gradient: grads[s]}
             if return_logits:
                 outputs[info.logits] = logits[s]
-            _run_into(sess, self._feeds(x[s], targets[s], mix), outputs)
+            _run_into(sess, self._feeds(x[s], targets[s], mix), outputs, self._mf.where)
         return (scores, grads, logits) if return_logits else (scores, grads)
 
     def layer_gradient(
@@ -361,20 +368,6 @@ class Classifier:
             f"Classifier({name}, input {self.input_shape} {self.layout or ''}, "
             f"{self.num_classes} classes, batch_size={self.batch_size})"
         )
-
-
-def check_float32_range(x: np.ndarray) -> None:
-    """Wider floats beyond float32's range would become Inf in the cast and slip past the NaN/Inf
-    check: refuse them before casting."""
-    if x.dtype.itemsize > 4 and x.size:
-        with np.errstate(invalid="ignore"):
-            big = np.abs(x) > FLOAT32_MAX
-        if big.any():
-            first = tuple(int(i) for i in np.argwhere(big)[0])
-            raise InputError(
-                f"input holds {int(big.sum())} values beyond the float32 range (±{FLOAT32_MAX:.4g}; "
-                f"first at index {first}: {x[first]!r})"
-            )
 
 
 def _builder_available() -> bool:

@@ -199,7 +199,10 @@ def _load_external_data(model, base_dir, where, digest, budget: int) -> tuple[Pa
             target, offset, length = _segment(t, here, root, where)
             f = handles.get(target)
             if f is None:
-                regular_file(target, "external data file")
+                try:
+                    regular_file(target, "external data file")
+                except ModelFileError as e:
+                    raise ModelFileError(f"{where}: {here}: {e}") from None
                 f = handles[target] = open(target, "rb")  # closed below
             size = os.fstat(f.fileno()).st_size
             if length is None:

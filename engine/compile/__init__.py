@@ -15,6 +15,7 @@ from pathlib import Path
 import onnx
 
 from .. import __version__
+from ..errors import InputError
 from ..modelfile import ModelFile, read_model
 from . import builder, head
 from .graph import (
@@ -83,7 +84,7 @@ def compile_model(
     mf = source if isinstance(source, ModelFile) else read_model(source)
     where = str(mf.path) if mf.path else "model"
     if rule not in ("gradient", "guided_backprop", "deconvnet"):
-        raise ValueError(f"unknown backward rule {rule!r}; use gradient, guided_backprop or deconvnet")
+        raise InputError(f"unknown backward rule {rule!r}; use gradient, guided_backprop or deconvnet")
     fwd = prepass(mf.model, mf.input_name, where)
     shapes = infer_shapes(fwd)
     tap = None
@@ -91,7 +92,7 @@ def compile_model(
         tap = head.last_feature_map(fwd, shapes) if layer == "auto" else layer
         if tap not in shapes:
             known = [n.output[0] for n in fwd.graph.node if n.op_type == "Conv"][-5:]
-            raise ValueError(
+            raise InputError(
                 f"{where}: layer {tap!r} is not a tensor of the model (last Conv outputs: {known})"
             )
     headed = _with_head(fwd, mf, shapes, tap)
@@ -240,8 +241,10 @@ def _set_meta(model: onnx.ModelProto, info: CompiledInfo) -> None:
 
 def compile_to_file(source, output, **kwargs) -> CompiledInfo:
     """Compile and write a standalone gradient model atomically (compile once, explain anywhere)."""
-    from ..atomic import atomic_write_bytes
+    from ..atomic import atomic_write_bytes, refuse_overwrite
 
-    model, info = compile_model(source, **kwargs)
+    mf = source if isinstance(source, ModelFile) else read_model(source)
+    refuse_overwrite(output, [mf.path, *mf.data_files], option="output")
+    model, info = compile_model(mf, **kwargs)
     atomic_write_bytes(Path(output), model.SerializeToString())
     return info

@@ -110,6 +110,7 @@ def run(req):
 
 def version(_req):
     import onnxruntime as ort
+    from onnxruntime.capi._pybind_state import GradientGraphBuilder  # noqa: F401  (training build only)
 
     return {"ok": True, "onnxruntime": ort.__version__}
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.checked import check_batch, checked, input_errors
+from engine.errors import InputError, ParameterError
 from engine.methods.agi import agi
 from engine.methods.blur_ig import blur_ig
 from engine.methods.common import Target, check_input, check_output
@@ -62,11 +64,11 @@ def explain(
     result a tuple (map, extra).
     """
     if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
+        raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     known = method_parameters(method)
     unknown = sorted(set(params) - set(known) - {"output"})
     if unknown:
-        raise TypeError(
+        raise ParameterError(
             f"{method}() got unknown parameter(s) {', '.join(unknown)}; "
             f"it takes: {', '.join(k for k in known if k != 'output')}"
         )
@@ -75,8 +77,11 @@ def explain(
         from engine.model import load  # lazy: methods stay importable without onnxruntime
 
         model = load(model)
+    model = checked(model)
+    check_batch(model, x)
     x = check_input(model, x)
-    return METHODS[method](model, x, target, output=output, **params)
+    with input_errors(method):
+        return METHODS[method](model, x, target, output=output, **params)
 
 
 __all__ = ["METHODS", "explain", "method_parameters"]

@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from engine.checked import check_batch, checked, input_errors
+from engine.errors import InputError, ParameterError
 from engine.metrics.base import MetricResult, metric
 
 METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
@@ -41,18 +43,21 @@ def evaluate(
     clean image), a class id or one per image. params: the metric's own (``metric_parameters``).
     """
     if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
+        raise InputError(f"unknown metric {metric!r}; known: {', '.join(METRICS)}")
     known = metric_parameters(metric)
     unknown = sorted(set(params) - set(known))
     if unknown:
-        raise TypeError(
+        raise ParameterError(
             f"{metric}() got unknown parameter(s) {', '.join(unknown)}; it takes: {', '.join(known)}"
         )
     if isinstance(model, (str, os.PathLike)):
         from engine.model import load
 
         model = load(model)
-    return METRICS[metric](model, x, attributions, target, **params)
+    model = checked(model)
+    check_batch(model, x)
+    with input_errors(metric):
+        return METRICS[metric](model, x, attributions, target, **params)
 
 
 __all__ = ["METRICS", "MetricResult", "evaluate", "metric", "metric_parameters"]
