@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BUILDER_STAMP := $(VENV)/.builder
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench fuzz clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: $(STAMP)
 
 test: setup lint
 	$(BIN)/python -m pytest
+
+# A longer property-based search over model files than the 120 cases per property in `make test`.
+fuzz: setup
+	ONNXPLAIN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest tests/test_fuzz_models.py -q
 
 bench: setup
 	$(BIN)/python -m bench.gradient
