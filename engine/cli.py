@@ -105,6 +105,7 @@ def _cmd_info(args) -> int:
         "preprocessing": clf.info.preprocessing,
         "batch_size": clf.batch_size,
         "providers": clf.providers,
+        "inferred": [printable(n) for n in clf.notes],
     }
     print(json.dumps(info, indent=2))  # json escapes the remaining controls (\u001b)
     return 0

@@ -16,6 +16,7 @@ import onnx
 import onnxruntime as ort
 
 from . import metadata
+from .adapt import infer_layout
 from .checked import check_float32_range
 from .compile import CompiledInfo, head
 from .errors import InputError, ModelFileError, OnnxplainError, RuntimeFailure
@@ -98,6 +99,36 @@ class Classifier:
         ):
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = int(batch_size) if batch_size else self._default_batch_size()
+        if mf.fixed_batch is not None:
+            self._verify_dynamic_batch()
+
+    def _verify_dynamic_batch(self) -> None:
+        """The batch-1 model was made dynamic (engine.adapt): keep that only if a batch of two
+        gives, row for row, what two single rows give; otherwise run one row per call."""
+        lo, hi = self.input_range
+        x = np.random.default_rng(0).uniform(lo, hi, (2, *self.input_shape)).astype(np.float32)
+        try:
+            both = self.predict(x)
+            rows = np.concatenate([self.predict(x[i : i + 1]) for i in range(2)])
+            ok = both.shape == rows.shape and np.allclose(
+                both, rows, rtol=1e-5, atol=1e-6 * np.abs(rows).max()
+            )
+        except OnnxplainError:
+            ok = False
+        if not ok:
+            self._mf.model, self._mf.fixed_batch = self._mf.fixed_batch, None
+            self._mf.input_dims = [1, *self._mf.input_dims[1:]]
+            self._sessions.clear()
+            self.batch_size = 1
+            self._mf.notes = tuple(
+                n
+                if "batch axis" not in n
+                else "the batch axis is fixed at 1 (a dynamic batch changes "
+                "its results): one row per runtime call"
+                for n in self._mf.notes
+            )
+        else:
+            self._mf.fixed_batch = None
 
     # ------------------------------------------------------------------ properties
     @property
@@ -115,7 +146,25 @@ class Classifier:
 
     @property
     def layout(self) -> str | None:
-        return self.info.layout
+        if self.info.layout:
+            return self.info.layout
+        return infer_layout(self._mf.input_dims)[0]
+
+    @property
+    def notes(self) -> list[str]:
+        """What was inferred about a model without (complete) onnxplain metadata, with the reason."""
+        notes = list(self._mf.notes)
+        if not self.info.layout:
+            layout, reason = infer_layout(self._mf.input_dims)
+            notes.append(f"layout {layout} inferred: {reason}" if layout else f"layout unknown: {reason}")
+        if not self.info.input_range:
+            got = self._mf.inferred_range
+            notes.append(
+                f"input range {list(got)} from the input dtype"
+                if got
+                else "input range [0, 1] assumed (no metadata)"
+            )
+        return notes
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -127,7 +176,9 @@ class Classifier:
 
     @property
     def input_range(self) -> tuple[float, float]:
-        return tuple(self.info.input_range) if self.info.input_range else (0.0, 1.0)
+        if self.info.input_range:
+            return tuple(self.info.input_range)
+        return self._mf.inferred_range or (0.0, 1.0)
 
     @property
     def labels(self) -> list[str] | None:

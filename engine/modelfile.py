@@ -28,6 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .adapt import adapt
 from .errors import ModelFileError
 
 # protobuf cannot serialise a message over 2 GiB, and onnxruntime is handed serialised bytes: the
@@ -48,6 +49,9 @@ class ModelFile:
     output_name: str
     num_classes: int
     data_files: tuple[Path, ...] = ()  # external-data files read (resolved), for output checks
+    notes: tuple[str, ...] = ()  # what engine.adapt inferred or rewrote, with the reason
+    inferred_range: tuple[float, float] | None = None  # implied by the input dtype (uint8: 0..255)
+    fixed_batch: onnx.ModelProto | None = None  # before the batch-1 rewrite, for the runtime's fallback
 
     @property
     def batch_dim(self):
@@ -97,7 +101,15 @@ def read_model(
     except Exception as e:  # ValidationError, and C++ errors on malformed subgraphs
         first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
         raise ModelFileError(f"{where}: not a valid ONNX model: {first}") from e
-    return _describe(path, model, digest.hexdigest(), where, files)
+    inits = {i.name for i in model.graph.initializer}
+    inputs = [i.name for i in model.graph.input if i.name not in inits]
+    adapted = adapt(model, inputs[0]) if len(inputs) == 1 else None
+    mf = _describe(path, model, digest.hexdigest(), where, files)
+    if adapted is not None:
+        mf.notes = tuple(adapted.notes)
+        mf.inferred_range = adapted.input_range
+        mf.fixed_batch = adapted.fixed_batch
+    return mf
 
 
 def regular_file(path: Path, what: str = "file", error: type[Exception] = ModelFileError) -> os.stat_result:
