@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
@@ -127,26 +128,58 @@ def _cmd_predict(args) -> int:
     return 0
 
 
-def _params(text: str | None, method: str) -> dict:
+def _value(text: str):
+    """A --param value: JSON when it parses (64, 0.5, true, [1, 2], "x"), else the string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+def _params(text: str | None, pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
+    """Per-method parameters from --params JSON and --param NAME=VALUE / --param METHOD.NAME=VALUE.
+
+    A parameter goes to every chosen method that has it; one that no chosen method has is an error."""
     from .methods import method_parameters
 
-    if not text:
-        return {}
-    try:
-        params = json.loads(text)
-    except ValueError as e:
-        raise UsageError(f"--params is not valid JSON ({e}): {text[:80]!r}") from None
-    if not isinstance(params, dict):
-        raise UsageError(
-            f"--params must be a JSON object like '{{\"steps\": 32}}', got {type(params).__name__}"
+    given: dict = {}
+    if text:
+        try:
+            given = json.loads(text)
+        except ValueError as e:
+            raise UsageError(f"--params is not valid JSON ({e}): {text[:80]!r}") from None
+        if not isinstance(given, dict):
+            kind = type(given).__name__
+            raise UsageError(f"--params must be a JSON object like '{{\"steps\": 32}}', got {kind}")
+    scoped: dict[str, dict] = {m: {} for m in methods}
+    for pair in pairs or []:
+        name, sep, value = pair.partition("=")
+        if not sep or not name:
+            raise UsageError(f"--param {pair!r}: expected NAME=VALUE or METHOD.NAME=VALUE")
+        method, dot, key = name.rpartition(".")
+        if dot and method in scoped:
+            scoped[method][key] = _value(value)
+        elif dot:
+            raise UsageError(f"--param {pair!r}: {method!r} is not one of the chosen methods {methods}")
+        else:
+            given[name] = _value(value)
+    out: dict[str, dict] = {}
+    for m in methods:
+        known = set(method_parameters(m)) - {"output"}
+        out[m] = {k: v for k, v in given.items() if k in known}
+        for k, v in scoped[m].items():
+            if k not in known:
+                raise UsageError(
+                    f"--param {m}.{k}: {m} has no parameter {k}; it takes {', '.join(sorted(known))}"
+                )
+            out[m][k] = v
+    unused = sorted(k for k in given if not any(k in out[m] for m in methods))
+    if unused:
+        takes = "; ".join(
+            f"{m} takes {', '.join(sorted(set(method_parameters(m)) - {'output'}))}" for m in methods
         )
-    known = set(method_parameters(method)) - {"output"}
-    unknown = sorted(set(params) - known)
-    if unknown:
-        raise UsageError(
-            f"--params: {method} has no parameter {', '.join(unknown)}; it takes {', '.join(sorted(known))}"
-        )
-    return params
+        raise UsageError(f"--params: no chosen method has parameter {', '.join(unused)} ({takes})")
+    return out
 
 
 def _target(text: str | None, labels: list[str] | None, num_classes: int) -> int | None:
@@ -174,42 +207,110 @@ def _target(text: str | None, labels: list[str] | None, num_classes: int) -> int
     return value
 
 
-def _cmd_explain(args) -> int:
-    import io
-    import platform
+def _progress(args):
+    """A one-line progress reporter on stderr when it is a terminal (quiet otherwise, or --quiet)."""
+    if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
+        return None
 
-    from . import __version__, explain
-    from .atomic import atomic_write_bytes, refuse_overwrite
-    from .images import read_images
+    def show(step: str) -> None:
+        print(f"onnxplain: {printable(step)} ...", file=sys.stderr, flush=True)
+
+    return show
+
+
+def _cmd_explain(args) -> int:
+    from .atomic import refuse_overwrite
+    from .images import expand_paths, read_images
     from .methods import METHODS
 
-    if args.method not in METHODS:
-        raise UsageError(f"-m/--method {args.method!r} is not a method; known: {', '.join(METHODS)}")
-    params = _params(args.params, args.method)
-    refuse_overwrite(args.out, [args.model, args.gradient_model, *args.images], "-o")
+    methods = args.method or ["integrated_gradients"]
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"-m/--method {m!r} is not a method; known: {', '.join(METHODS)}")
+    params = _params(args.params, args.param, methods)
+    out = Path(args.out)
+    images = expand_paths(args.images)
+    refuse_overwrite(out, [args.model, args.gradient_model, *images], "-o")
     clf = _load(args)
-    refuse_overwrite(args.out, clf.data_files, "-o")
+    refuse_overwrite(out, clf.data_files, "-o")
+    npz = out.suffix.lower() == ".npz"
+    if not npz and out.suffix and not out.is_dir():
+        raise UsageError(f"-o {out}: give a folder (heatmaps, report.html, records) or a .npz file")
+    if npz and len(methods) > 1:
+        raise UsageError(
+            f"-o {out}: a .npz holds one method's maps; give a folder for {len(methods)} methods"
+        )
     target = _target(args.target, clf.labels, clf.num_classes)
-    x, decoded = read_images(args.images, clf.input_shape, clf.layout, clf.input_range)
-    maps = explain(clf, x, args.method, target=target, output=args.output, **params)
-    record = {  # enough to reproduce the maps from the record alone
-        "onnxplain": __version__,
-        "model": str(args.model),
-        "model_sha256": clf.sha256,
-        "method": args.method,
-        "params": params,
-        "target": target,
-        "output": args.output,
-        "images": list(args.images),
-        "decoded": [r.to_dict() for r in decoded],
-        "providers": clf.providers,
-        "python": platform.python_version(),
-    }
+    x, decoded = read_images(images, clf.input_shape, clf.layout, clf.input_range)
+    if npz:
+        return _explain_npz(args, clf, methods[0], params[methods[0]], images, x, decoded, target)
+    from .report.explain import explain_to_dir
+
+    records = explain_to_dir(
+        clf,
+        images,
+        x,
+        [d.to_dict() for d in decoded],
+        methods,
+        params,
+        out,
+        target=target,
+        output=args.output,
+        progress=_progress(args),
+    )
+    if args.json:
+        print(json.dumps({"out": str(out), "report": str(out / "report.html"), "records": records}))
+    else:
+        for r in records:
+            print(f"{r['method']}: {len(images)} images in {r['seconds']:.2f} s")
+        print(f"wrote {printable(out / 'report.html')}")
+    return 0
+
+
+def _explain_npz(args, clf, method, params, images, x, decoded, target) -> int:
+    import io
+
+    from . import explain
+    from .atomic import atomic_write_bytes
+    from .methods.common import resolve_target
+    from .report.record import file_sha256, method_record
+
+    targets = resolve_target(clf, x, target)
+    maps = explain(clf, x, method, target=targets, output=args.output, **params)
+    info = [
+        {"path": str(p), "sha256": file_sha256(p), "decoded": d.to_dict()} for p, d in zip(images, decoded)
+    ]
+    record = method_record(clf, method, params, output=args.output, targets=targets, images=info)
+    record["target"] = target  # as given (None: the top-1 class, listed in "targets")
     buf = io.BytesIO()
     np.savez_compressed(buf, attributions=maps, inputs=x, record=json.dumps(record))
     atomic_write_bytes(args.out, buf.getvalue())
     shape = maps.shape if isinstance(maps, np.ndarray) else maps[0].shape
-    print(f"wrote {printable(args.out)}: {args.method} maps {shape}")
+    print(f"wrote {printable(args.out)}: {method} maps {shape}")
+    return 0
+
+
+def _cmd_annotate(args) -> int:
+    from .annotate import annotate
+
+    labels = None
+    if args.labels:
+        from .modelfile import read_model_bytes
+
+        text = read_model_bytes(Path(args.labels), "labels file").decode("utf-8", errors="strict")
+        labels = [line.strip() for line in text.splitlines() if line.strip()]
+    notes = annotate(
+        args.model,
+        args.output,
+        layout=args.layout,
+        mean=args.mean,
+        std=args.std,
+        input_range=tuple(args.range) if args.range else None,
+        labels=labels,
+    )
+    for n in notes:
+        print(f"  {printable(n)}")
+    print(f"wrote {printable(args.output)}")
     return 0
 
 
@@ -251,16 +352,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=_positive_int, default=5)
     p.set_defaults(func=_cmd_predict)
 
-    p = sub.add_parser("explain", help="attribution maps for image files, saved as .npz with a record")
+    p = sub.add_parser(
+        "explain", help="heatmaps, maps, records and an HTML report for image files, folders or globs"
+    )
     p.add_argument("model")
-    p.add_argument("images", nargs="+")
-    p.add_argument("-m", "--method", default="integrated_gradients")
-    p.add_argument("-o", "--out", default="attributions.npz")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument(
+        "-m", "--method", action="append", help="repeat for several (default integrated_gradients)"
+    )
+    p.add_argument(
+        "-o", "--out", default="onnxplain-out", help="a folder (default onnxplain-out) or a .npz file"
+    )
     p.add_argument("--target", help="class index or class name (default: the top-1 prediction)")
     p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
     p.add_argument("--params", help="method parameters as a JSON object, e.g. '{\"steps\": 32}'")
+    p.add_argument(
+        "--param", action="append", metavar="[METHOD.]NAME=VALUE", help="one parameter; repeatable"
+    )
     p.add_argument("--gradient-model", help="a gradient model from `onnxplain compile`")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("annotate", help="write onnxplain metadata (and baked-in normalisation) into a copy")
+    p.add_argument("model")
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--layout", choices=["NCHW", "NHWC"])
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean the model expects subtracted")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std the model expects divided by")
+    p.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="value range of the input")
+    p.add_argument("--labels", help="a text file, one class name per line")
+    p.set_defaults(func=_cmd_annotate)
     return parser
 
 

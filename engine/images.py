@@ -134,3 +134,36 @@ def _crop_box(width: int, height: int, h: int, w: int) -> tuple[float, float, fl
     left, top = (rw - w) // 2, (rh - h) // 2
     sx, sy = width / rw, height / rh
     return (left * sx, top * sy, (left + w) * sx, (top + h) * sy)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
+
+
+def expand_paths(items) -> list[Path]:
+    """Image files from files, folders (their image files, sorted, not recursive) and globs.
+
+    Only what the user named is read: a folder contributes the files in it with an image suffix;
+    a glob pattern (``*``, ``?``, ``[``) contributes its sorted matches. Duplicates are kept once.
+    """
+    import glob
+
+    found: list[Path] = []
+    for item in items:
+        p = Path(item)
+        if p.is_dir():
+            found.extend(sorted(q for q in p.iterdir() if q.suffix.lower() in IMAGE_SUFFIXES and q.is_file()))
+        elif not p.exists() and any(c in str(item) for c in "*?["):
+            matches = sorted(Path(m) for m in glob.glob(str(item)))
+            if not matches:
+                raise ImageError(f"{item}: no file matches this pattern")
+            found.extend(m for m in matches if not m.is_dir())
+        else:
+            found.append(p)
+    seen, unique = set(), []
+    for p in found:
+        if p not in seen:
+            seen.add(p)
+            unique.append(p)
+    if not unique:
+        raise ImageError(f"no image files in {', '.join(map(str, items))}")
+    return unique

@@ -8,6 +8,7 @@ Every call is validated before the runtime sees it and split into chunks within 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -92,6 +93,7 @@ class Classifier:
         self._threads = threads
         self._sessions: dict = {}
         self._compiled: dict = {}
+        self.gradient_model_sha256: str | None = None  # of a standalone gradient model, if given
         if gradient_model is not None:
             self._add_gradient_model(gradient_model)
         if batch_size is not None and (
@@ -311,6 +313,7 @@ class Classifier:
                 f"(sha256 {info.source_sha256[:12]}, this model {self._mf.sha256[:12]})"
             )
         entry = (model.SerializeToString(), info)
+        self.gradient_model_sha256 = hashlib.sha256(entry[0]).hexdigest()
         if info.tap:  # a standalone model has one tap: it serves layer=None and its own name
             self._compiled[(info.rule, "auto")] = entry
             self._compiled[(info.rule, info.layer)] = entry

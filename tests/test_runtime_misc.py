@@ -111,7 +111,9 @@ def test_cli_explain_writes_maps_and_a_reproducible_record(tmp_path):
     )
     data = np.load(out)
     record = json.loads(str(data["record"]))
-    assert record["method"] == "integrated_gradients" and record["params"] == {"steps": 8}
+    assert record["method"] == "integrated_gradients" and record["params_given"] == {"steps": 8}
+    assert record["params"]["steps"] == 8 and record["params"]["baseline"] == "black"  # defaults too
+    assert record["targets"] == [{"class": 1, "label": "y"}]
     again = engine.explain(
         engine.load(path),
         data["inputs"],

@@ -208,7 +208,7 @@ def test_labels_with_escape_sequences_are_printed_escaped(tmp_path, capsys):
     [
         (["--params", "{steps: 3"], 2, "--params is not valid JSON"),
         (["--params", "[1, 2]"], 2, "--params must be a JSON object"),
-        (["--params", '{"stepz": 3}'], 2, "has no parameter stepz"),
+        (["--params", '{"stepz": 3}'], 2, "no chosen method has parameter stepz (saliency takes abs)"),
         (["--target", "7"], 2, "--target 7 is out of range: the model has 3 classes"),
         (["--target", "unicorn"], 2, "neither a class index nor one of the model's labels"),
         (["-m", "no_such_method"], 2, "-m/--method 'no_such_method' is not a method"),
@@ -523,7 +523,8 @@ def test_explain_record_says_how_each_image_was_decoded(linear_file, tmp_path):
     Image.fromarray(np.random.default_rng(0).integers(0, 256, (9, 6, 4), np.uint8)).save(img)
     out = tmp_path / "maps.npz"
     assert main(["explain", str(linear_file), str(img), "-m", "saliency", "-o", str(out)]) == 0
-    (decoded,) = json.loads(str(np.load(out)["record"]))["decoded"]
+    (image,) = json.loads(str(np.load(out)["record"]))["images"]
+    decoded = image["decoded"]
     assert decoded["mode"] == "RGBA" and "alpha dropped" in decoded["converted"]
     assert decoded["size"] == [6, 9] and decoded["resized_to"] == [4, 4]
     left, top, right, bottom = decoded["crop"]
