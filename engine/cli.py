@@ -314,6 +314,57 @@ def _cmd_annotate(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from . import load
+    from .atomic import refuse_overwrite
+    from .images import expand_paths, read_images
+    from .methods import METHODS
+    from .report.compare import compare_to_dir
+
+    methods = args.method or ["saliency"]
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"-m/--method {m!r} is not a method; known: {', '.join(METHODS)}")
+    params = _params(args.params, args.param, methods)
+    images = expand_paths(args.images)
+    out = Path(args.out)
+    refuse_overwrite(out, [args.model_a, args.model_b, *images], "-o")
+    a, b = load(args.model_a), load(args.model_b)
+    xa, _ = read_images(images, a.input_shape, a.layout, a.input_range)
+    xb, _ = read_images(images, b.input_shape, b.layout, b.input_range)
+    result = compare_to_dir(
+        a,
+        b,
+        images,
+        xa,
+        xb,
+        methods,
+        params,
+        out,
+        output=args.output,
+        top_fraction=args.top_fraction,
+        progress=_progress(args),
+    )
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    agree = result["models_agree"]
+    print(
+        f"models: max |logit difference| {agree['max_abs_logit_diff']:.3g} "
+        f"({agree['relative_logit_diff']:.3g} of scale), top-1 agreement {agree['top1_agreement']:.0%}, "
+        f"mean KL {agree['mean_kl']:.3g}"
+    )
+    for m, d in result["methods"].items():
+        g = d["aggregate"]
+        print(
+            f"{m}: Spearman {g['spearman']['mean']:.4f}, top-{args.top_fraction:.0%} intersection "
+            f"{g['top_k_intersection']['mean']:.3f}, SSIM {g['ssim']['mean']:.4f}, "
+            f"max |diff| {g['max_abs_diff_relative']['mean']:.3g} of scale"
+        )
+    print(f"wrote {printable(out / 'report.html')}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxplain",
@@ -373,6 +424,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_explain)
+
+    p = sub.add_parser("compare", help="do two models of one task agree, and do their explanations?")
+    p.add_argument("model_a")
+    p.add_argument("model_b")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("-m", "--method", action="append", help="repeat for several (default saliency)")
+    p.add_argument("-o", "--out", default="onnxplain-compare", help="output folder")
+    p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    p.add_argument("--params", help="method parameters as a JSON object")
+    p.add_argument("--param", action="append", metavar="[METHOD.]NAME=VALUE")
+    p.add_argument("--top-fraction", type=float, default=0.05, help="share of pixels for top-k intersection")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_compare)
 
     p = sub.add_parser("annotate", help="write onnxplain metadata (and baked-in normalisation) into a copy")
     p.add_argument("model")

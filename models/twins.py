@@ -49,15 +49,15 @@ def build_torch_twin(seed: int = 0) -> nn.Module:
         return net.eval()
 
 
-def _keras_layers() -> list[keras.layers.Layer]:
+def _keras_layers(bn_epsilon: float = BN_EPSILON) -> list[keras.layers.Layer]:
     # padding="same" equals PyTorch's padding=1 for a 3x3 kernel at stride 1.
     return [
         keras.layers.Conv2D(8, 3, padding="same"),
-        keras.layers.BatchNormalization(epsilon=BN_EPSILON),
+        keras.layers.BatchNormalization(epsilon=bn_epsilon),
         keras.layers.ReLU(),
         keras.layers.MaxPooling2D(2),
         keras.layers.Conv2D(16, 3, padding="same"),
-        keras.layers.BatchNormalization(epsilon=BN_EPSILON),
+        keras.layers.BatchNormalization(epsilon=bn_epsilon),
         keras.layers.ReLU(),
         keras.layers.AveragePooling2D(2),
         keras.layers.Flatten(),
@@ -78,10 +78,13 @@ class SubclassedTwin(keras.Model):
         return x
 
 
-def build_keras_twin(torch_module: nn.Module, style: KerasStyle = "functional") -> keras.Model:
+def build_keras_twin(
+    torch_module: nn.Module, style: KerasStyle = "functional", bn_epsilon: float = BN_EPSILON
+) -> keras.Model:
     """A Keras model computing what ``torch_module`` (from :func:`build_torch_twin`) computes,
-    on NHWC inputs: ``keras(x.transpose(0, 2, 3, 1)) == torch(x)``."""
-    stack = _keras_layers()
+    on NHWC inputs: ``keras(x.transpose(0, 2, 3, 1)) == torch(x)``. ``bn_epsilon=1e-3`` (Keras'
+    default) makes the classic porting mistake, for tests of ``onnxplain compare``."""
+    stack = _keras_layers(bn_epsilon)
     if style == "functional":
         inputs = keras.Input(INPUT_SHAPE_NHWC)
         x = inputs
