@@ -136,11 +136,16 @@ def _value(text: str):
         return text
 
 
-def _params(text: str | None, pairs: list[str] | None, methods: list[str]) -> dict[str, dict]:
-    """Per-method parameters from --params JSON and --param NAME=VALUE / --param METHOD.NAME=VALUE.
+def _params(text: str | None, pairs: list[str] | None, methods: list[str], known_of=None) -> dict[str, dict]:
+    """Per-name parameters from --params JSON and --param NAME=VALUE / --param METHOD.NAME=VALUE.
 
-    A parameter goes to every chosen method that has it; one that no chosen method has is an error."""
-    from .methods import method_parameters
+    A parameter goes to every chosen method (or metric) that has it; one that none has is an
+    error. ``known_of(name)``: the parameters a name takes (default: the method's)."""
+    if known_of is None:
+        from .methods import method_parameters
+
+        def known_of(name: str) -> set[str]:
+            return set(method_parameters(name)) - {"output"}
 
     given: dict = {}
     if text:
@@ -160,12 +165,12 @@ def _params(text: str | None, pairs: list[str] | None, methods: list[str]) -> di
         if dot and method in scoped:
             scoped[method][key] = _value(value)
         elif dot:
-            raise UsageError(f"--param {pair!r}: {method!r} is not one of the chosen methods {methods}")
+            raise UsageError(f"--param {pair!r}: {method!r} is not one of the chosen {methods}")
         else:
             given[name] = _value(value)
     out: dict[str, dict] = {}
     for m in methods:
-        known = set(method_parameters(m)) - {"output"}
+        known = known_of(m)
         out[m] = {k: v for k, v in given.items() if k in known}
         for k, v in scoped[m].items():
             if k not in known:
@@ -175,10 +180,8 @@ def _params(text: str | None, pairs: list[str] | None, methods: list[str]) -> di
             out[m][k] = v
     unused = sorted(k for k in given if not any(k in out[m] for m in methods))
     if unused:
-        takes = "; ".join(
-            f"{m} takes {', '.join(sorted(set(method_parameters(m)) - {'output'}))}" for m in methods
-        )
-        raise UsageError(f"--params: no chosen method has parameter {', '.join(unused)} ({takes})")
+        takes = "; ".join(f"{m} takes {', '.join(sorted(known_of(m)))}" for m in methods)
+        raise UsageError(f"--params: none of the chosen has parameter {', '.join(unused)} ({takes})")
     return out
 
 
@@ -314,6 +317,109 @@ def _cmd_annotate(args) -> int:
     return 0
 
 
+def _audit_params(args, methods: list[str], metrics: list[str]) -> tuple[dict, dict]:
+    from .methods import method_parameters
+    from .metrics import metric_parameters
+
+    if set(methods) & set(metrics):
+        raise UsageError(f"a name is both a method and a metric: {sorted(set(methods) & set(metrics))}")
+
+    def known_of(name: str) -> set[str]:
+        if name in methods:
+            return set(method_parameters(name)) - {"output"}
+        return set(metric_parameters(name))
+
+    both = _params(args.params, args.param, methods + metrics, known_of)
+    return {m: both[m] for m in methods}, {m: both[m] for m in metrics}
+
+
+def _cmd_audit(args) -> int:
+    from .atomic import atomic_write_bytes, refuse_overwrite
+    from .audit import AuditStore, Plan, audit
+    from .audit.report import audit_report
+    from .images import expand_paths
+    from .methods import METHODS
+    from .metrics import METRICS
+
+    methods = args.method or ["saliency"]
+    metrics = args.metric or []
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"-m/--method {m!r} is not a method; known: {', '.join(METHODS)}")
+    for m in metrics:
+        if m not in METRICS:
+            raise UsageError(f"--metric {m!r} is not a metric; known: {', '.join(METRICS) or 'none'}")
+    if args.chunk < 1:
+        raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    mparams, sparams = _audit_params(args, methods, metrics)
+    images = expand_paths(args.images)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out}: give a folder (audit.sqlite and report.html go in it)")
+    refuse_overwrite(out, [args.model, args.gradient_model, *images], "--out")
+    clf = _load(args)
+    target = _target(args.target, clf.labels, clf.num_classes)
+    plan = Plan(
+        methods=[(m, mparams[m]) for m in methods],
+        metrics=[(m, sparams[m]) for m in metrics],
+        target=target,
+        output=args.output,
+        chunk=args.chunk,
+    )
+    show = _progress(args)
+
+    def progress(step: str, done: int, total: int) -> None:
+        if show:
+            show(f"{step} {done}/{total}")
+
+    out.mkdir(parents=True, exist_ok=True)
+    with AuditStore(out / "audit.sqlite") as store:
+        summary = audit(clf, images, store, plan, progress=progress)
+        atomic_write_bytes(out / "report.html", audit_report(store).encode())
+    if args.json:
+        print(json.dumps({"out": str(out), **summary.__dict__}))
+    else:
+        print(
+            f"{summary.images} images in {summary.chunks} chunks: {summary.computed} results computed, "
+            f"{summary.skipped} already stored ({summary.seconds:.1f} s)"
+        )
+        print(f"wrote {printable(out / 'audit.sqlite')} and {printable(out / 'report.html')}")
+    return 0
+
+
+def _audit_db(path: str) -> Path:
+    p = Path(path)
+    return p / "audit.sqlite" if p.is_dir() else p
+
+
+def _cmd_report(args) -> int:
+    from .atomic import atomic_write_bytes, refuse_overwrite
+    from .audit import AuditStore
+    from .audit.report import audit_report, compare_stores, summarise
+
+    db = _audit_db(args.audit)
+    with AuditStore(db, create=False) as store:
+        if args.against:
+            with AuditStore(_audit_db(args.against), create=False) as other:
+                result = compare_stores(store, other, top_fraction=args.top_fraction)
+            text = json.dumps(result)
+            if args.output:
+                refuse_overwrite(args.output, [db, _audit_db(args.against)], "-o")
+                atomic_write_bytes(Path(args.output), text.encode())
+            if args.json or not args.output:
+                print(text)
+            return 0
+        if args.json:
+            s = summarise(store)
+            print(json.dumps({k: v for k, v in s.items() if not k.startswith("_")}))
+            return 0
+        out = Path(args.output or db.with_name("report.html"))
+        refuse_overwrite(out, [db], "-o")
+        atomic_write_bytes(out, audit_report(store).encode())
+    print(f"wrote {printable(out)}")
+    return 0
+
+
 def _cmd_compare(args) -> int:
     from . import load
     from .atomic import refuse_overwrite
@@ -438,6 +544,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("audit", help="methods and metrics over a folder into a resumable SQLite store")
+    p.add_argument("model")
+    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument("-m", "--method", action="append", help="repeat for several (default saliency)")
+    p.add_argument("--metric", action="append", help="repeat for several (each scores every method)")
+    p.add_argument("--out", "-o", default="onnxplain-audit", help="folder: audit.sqlite, report.html")
+    p.add_argument("--target", help="class index or label (default: each image's top-1 class)")
+    p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    p.add_argument("--params", help="method/metric parameters as a JSON object")
+    p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
+    p.add_argument("--chunk", type=int, default=8, help="images per batch (part of each result's key)")
+    p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("report", help="the HTML report of an audit database (or two audits compared)")
+    p.add_argument("audit", help="an audit folder or its audit.sqlite")
+    p.add_argument("--against", help="a second audit (another model version): compare the two")
+    p.add_argument("-o", "--output", help="report file (default: report.html beside the database)")
+    p.add_argument("--top-fraction", type=float, default=0.05)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("annotate", help="write onnxplain metadata (and baked-in normalisation) into a copy")
     p.add_argument("model")

@@ -45,8 +45,14 @@ def model_agreement(a, b, x: np.ndarray, x_b: np.ndarray | None = None) -> Model
     layout when it differs (a PyTorch NCHW export against a Keras NHWC one)."""
     if a.num_classes != b.num_classes:
         raise InputError(f"the models have {a.num_classes} and {b.num_classes} classes: not the same task")
-    za = a.predict(x).astype(np.float64)
-    zb = b.predict(x if x_b is None else x_b).astype(np.float64)
+    return logit_agreement(a.predict(x), b.predict(x if x_b is None else x_b))
+
+
+def logit_agreement(za: np.ndarray, zb: np.ndarray) -> ModelAgreement:
+    """The model agreement measures from two models' logits (N, K) for the same images."""
+    za, zb = np.asarray(za, np.float64), np.asarray(zb, np.float64)
+    if za.shape != zb.shape:
+        raise InputError(f"the two models' logits differ in shape: {za.shape} and {zb.shape}")
     pa, pb = _softmax(za), _softmax(zb)
     kl = (pa * (np.log(np.maximum(pa, 1e-300)) - np.log(np.maximum(pb, 1e-300)))).sum(axis=1)
     diff = np.abs(za - zb).max(axis=1)
@@ -113,8 +119,8 @@ def _minmax(h: np.ndarray) -> np.ndarray:
 
 
 def aggregate(rows: list[dict]) -> dict:
-    """Mean and minimum of every per-image measure."""
-    keys = rows[0].keys() if rows else []
+    """Mean and minimum of every per-image measure (the numeric fields of the rows)."""
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))] if rows else []
     return {
         k: {"mean": float(np.mean([r[k] for r in rows])), "min": float(np.min([r[k] for r in rows]))}
         for k in keys

@@ -208,7 +208,7 @@ def test_labels_with_escape_sequences_are_printed_escaped(tmp_path, capsys):
     [
         (["--params", "{steps: 3"], 2, "--params is not valid JSON"),
         (["--params", "[1, 2]"], 2, "--params must be a JSON object"),
-        (["--params", '{"stepz": 3}'], 2, "no chosen method has parameter stepz (saliency takes abs)"),
+        (["--params", '{"stepz": 3}'], 2, "none of the chosen has parameter stepz (saliency takes abs)"),
         (["--target", "7"], 2, "--target 7 is out of range: the model has 3 classes"),
         (["--target", "unicorn"], 2, "neither a class index nor one of the model's labels"),
         (["-m", "no_such_method"], 2, "-m/--method 'no_such_method' is not a method"),
