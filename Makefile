@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BUILDER_STAMP := $(VENV)/.builder
 
-.PHONY: setup demo test lint bench fuzz clean
+.PHONY: setup demo test lint bench fuzz browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,12 @@ test: setup lint
 # A longer property-based search over model files than the 120 cases per property in `make test`.
 fuzz: setup
 	ONNXPLAIN_FUZZ_EXAMPLES=5000 $(BIN)/python -m pytest tests/test_fuzz_models.py -q
+
+# Debian's chromium for the report tests (tests/test_report_browser.py); playwright drives it, no
+# browser download. Needs root for apt; a no-op where chromium is installed.
+browser:
+	@command -v chromium >/dev/null || { export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q chromium >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium; }; }
 
 bench: setup
 	$(BIN)/python -m bench.gradient

@@ -85,7 +85,8 @@ def audit_report(store: AuditStore) -> str:
     images = store.images()
     pictures = {im["sha256"]: _picture(im["picture"]) for im in images}
     names = [im["path"].rsplit("/", 1)[-1] for im in images]
-    labels = models[0].get("labels", []) if models else []
+    stored = store.models()
+    labels = stored[0].get("labels", []) if stored else []
     pngs, captions = {}, {}
     for r in store.results("method"):
         col = s["_by_key"][r.key]
@@ -113,7 +114,10 @@ def audit_report(store: AuditStore) -> str:
         ("Model", html.table(model_rows)),
         ("Results stored", html.table(counts)),
         ("Explanations", html.grid(names, s["methods"], pngs, captions)),
-        ("Metrics (mean over images)", html.table(s["metrics"])),
+        (
+            "Metrics (mean over images)",
+            html.table([r for r in s["metrics"] if len(r) > 1]),  # rows with at least one metric
+        ),
         ("Timings (seconds)", html.table(timing)),
     ]
     versions = models[0].get("versions") if models else None
