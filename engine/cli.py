@@ -387,6 +387,147 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_evaluate(args) -> int:
+    from .atomic import refuse_overwrite
+    from .images import expand_paths, read_images
+    from .methods import METHODS, explain
+    from .methods.common import resolve_target
+    from .metrics import METRICS
+    from .report.evaluate import evaluate_to_dir
+    from .report.record import file_sha256
+
+    metrics = args.metric or []
+    if not metrics:
+        raise UsageError(f"give at least one --metric; known: {', '.join(METRICS)}")
+    for m in metrics:
+        if m not in METRICS:
+            raise UsageError(f"--metric {m!r} is not a metric; known: {', '.join(METRICS)}")
+    if bool(args.maps) == bool(args.images):
+        raise UsageError("give image files (with -m METHOD) or --maps FILE.npz from `onnxplain explain`")
+    methods = [] if args.maps else (args.method or ["saliency"])
+    for m in methods:
+        if m not in METHODS:
+            raise UsageError(f"-m/--method {m!r} is not a method; known: {', '.join(METHODS)}")
+    mparams, sparams = _audit_params(args, methods, metrics)
+    out = Path(args.out) if args.out else None
+    images = expand_paths(args.images) if args.images else []
+    if out is not None:
+        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, *images], "-o")
+    clf = _load(args)
+    target = _target(args.target, clf.labels, clf.num_classes)
+    if args.maps:
+        x, maps, info = _read_maps(args.maps)
+        targets = resolve_target(clf, x, target)
+    else:
+        x, decoded = read_images(images, clf.input_shape, clf.layout, clf.input_range)
+        targets = resolve_target(clf, x, target)
+        maps = {}
+        for m in methods:
+            got = explain(clf, x, m, target=targets, output=args.output, **mparams[m])
+            maps[m] = got[0] if isinstance(got, tuple) else got
+        info = [
+            {"path": str(p), "sha256": file_sha256(p), "decoded": d.to_dict()}
+            for p, d in zip(images, decoded)
+        ]
+    summary = evaluate_to_dir(
+        clf, x, maps, metrics, sparams, out, targets=targets, images=info, progress=_progress(args)
+    )
+    if args.json:
+        print(json.dumps(summary["metrics"]))
+        return 0
+    for method, row in summary["metrics"].items():
+        print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+    if out is not None:
+        print(f"wrote {printable(out / 'report.html')}")
+    return 0
+
+
+def _read_maps(path: str):
+    """Maps, inputs and image records from an `onnxplain explain -o FILE.npz` file."""
+    from .modelfile import regular_file
+
+    regular_file(Path(path), "maps file", InputError)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            maps, x, record = z["attributions"], z["inputs"], json.loads(str(z["record"]))
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{path}: not a maps file from `onnxplain explain -o FILE.npz` ({e})") from None
+    if maps.shape[0] != x.shape[0]:
+        raise InputError(f"{path}: {maps.shape[0]} maps for {x.shape[0]} inputs")
+    return x, {record.get("method", "maps"): maps}, record.get("images", [{}] * len(x))
+
+
+def _factory(spec: str):
+    """MODULE:FACTORY (a dotted module or a .py file) -> FACTORY() for a class or function, the
+    object itself otherwise. The user's own code, run because they named it."""
+    import importlib
+    import importlib.util
+
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not module_name or not attr:
+        raise UsageError(f"{spec!r}: expected MODULE:FACTORY, e.g. mypkg.models:build or net.py:build")
+    if module_name.endswith(".py"):
+        path = Path(module_name)
+        if not path.is_file():
+            raise UsageError(f"{spec!r}: no such file {path}")
+        loader_spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(loader_spec)
+        loader_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise UsageError(f"{spec!r}: cannot import {module_name} ({e})") from None
+    if not hasattr(module, attr):
+        raise UsageError(f"{spec!r}: {module_name} has no attribute {attr}")
+    obj = getattr(module, attr)
+    import inspect
+
+    # A class or a function is a factory (called with no arguments); anything else is the model.
+    return obj() if inspect.isclass(obj) or inspect.isroutine(obj) else obj
+
+
+def _cmd_export(args) -> int:
+    from .atomic import refuse_overwrite
+
+    out = Path(args.output)
+    labels = None
+    if args.labels:
+        labels = [ln.strip() for ln in Path(args.labels).read_text().splitlines() if ln.strip()]
+    kw = {"mean": args.mean, "std": args.std, "labels": labels, "opset": args.opset}
+    if args.range:
+        kw["input_range"] = tuple(args.range)
+    if args.framework == "torch":
+        from exporters import torch as torch_export
+
+        if not args.input_shape:
+            raise UsageError("export torch: give --input-shape C H W (one example, no batch axis)")
+        refuse_overwrite(out, [args.source.rpartition(":")[0]], "-o")
+        report = torch_export.export(_factory(args.source), out, input_shape=tuple(args.input_shape), **kw)
+    else:
+        import keras
+
+        from exporters import keras as keras_export
+
+        refuse_overwrite(out, [args.source], "-o")
+        source = Path(args.source)
+        if source.suffix in (".keras", ".h5"):
+            model = keras.saving.load_model(source, compile=False)
+        else:
+            model = _factory(args.source)
+        if args.input_shape:
+            kw["input_shape"] = tuple(args.input_shape)
+        report = keras_export.export(model, out, **kw)
+    print(printable(str(report)))
+    return 0
+
+
+def _cmd_demo(args) -> int:
+    from models import demo
+
+    return demo.main(["--out", args.out] + (["--quick"] if args.quick else []))
+
+
 def _audit_db(path: str) -> Path:
     p = Path(path)
     return p / "audit.sqlite" if p.is_dir() else p
@@ -544,6 +685,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_compare)
+
+    p = sub.add_parser("evaluate", help="score methods' maps with metrics (insertion, deletion, SIC, ...)")
+    p.add_argument("model")
+    p.add_argument("images", nargs="*", help="image files, folders or glob patterns")
+    p.add_argument("-m", "--method", action="append", help="repeat for several (default saliency)")
+    p.add_argument("--maps", help="score the maps of an `explain -o FILE.npz` instead")
+    p.add_argument("--metric", action="append", help="repeat for several")
+    p.add_argument("-o", "--out", help="folder: results.json, curve plots, report.html")
+    p.add_argument("--target", help="class index or label (default: each image's top-1 class)")
+    p.add_argument("--output", default="probability", choices=["probability", "logit", "log_probability"])
+    p.add_argument("--params", help="method/metric parameters as a JSON object")
+    p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
+    p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("export", help="a PyTorch module or Keras model to ONNX, preprocessing baked in")
+    p.add_argument("framework", choices=["torch", "keras"])
+    p.add_argument(
+        "source", help="torch: MODULE:FACTORY (or file.py:FACTORY); keras: MODEL.keras or MODULE:FACTORY"
+    )
+    p.add_argument("-o", "--output", required=True)
+    p.add_argument("--input-shape", type=int, nargs="+", help="one example, e.g. 3 224 224 (torch)")
+    p.add_argument("--mean", type=float, nargs="+", help="per-channel mean the model expects subtracted")
+    p.add_argument("--std", type=float, nargs="+", help="per-channel std the model expects divided by")
+    p.add_argument("--range", type=float, nargs=2, metavar=("LOW", "HIGH"), help="value range of the input")
+    p.add_argument("--labels", help="a text file, one class name per line")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("demo", help="the pretrained EfficientNet-Lite0 explained, evaluated and compared")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--quick", action="store_true", help="fewer methods and steps")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("audit", help="methods and metrics over a folder into a resumable SQLite store")
     p.add_argument("model")

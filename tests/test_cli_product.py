@@ -199,3 +199,47 @@ def test_annotate_errors(tmp_path, capsys, extra, message):
     assert main(["annotate", str(src), "-o", str(tmp_path / "o.onnx"), *extra]) == 1
     assert message in capsys.readouterr().err and not (tmp_path / "o.onnx").exists()
     assert main(["annotate", str(src), "-o", str(src)]) == 2  # never over its own source
+
+
+def test_export_torch_and_keras_from_the_command_line(tmp_path, capsys):
+    torch = pytest.importorskip("torch")
+    src = tmp_path / "net.py"
+    src.write_text(
+        "import torch\n"
+        "def build():\n"
+        "    torch.manual_seed(0)\n"
+        "    return torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),\n"
+        "                               torch.nn.Linear(4 * 6 * 6, 5)).eval()\n"
+    )
+    labels = tmp_path / "labels.txt"
+    labels.write_text("a\nb\nc\nd\ne\n")
+    out = tmp_path / "t.onnx"
+    args = ["export", "torch", f"{src}:build", "-o", str(out), "--input-shape", "3", "8", "8"]
+    assert (
+        main([*args, "--mean", "0.5", "0.4", "0.3", "--std", "0.2", "0.2", "0.25", "--labels", str(labels)])
+        == 0
+    )
+    clf = engine.load(out)
+    assert clf.labels == list("abcde") and clf.layout == "NCHW"
+    x = np.random.default_rng(0).uniform(size=(2, 3, 8, 8)).astype(np.float32)
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("net", src)
+    net_mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(net_mod)
+    mean = torch.tensor([0.5, 0.4, 0.3]).view(1, 3, 1, 1)
+    std = torch.tensor([0.2, 0.2, 0.25]).view(1, 3, 1, 1)
+    want = net_mod.build()((torch.tensor(x) - mean) / std).detach().numpy()
+    np.testing.assert_allclose(clf.predict(x), want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+    assert main(["export", "torch", f"{src}:nope", "-o", str(tmp_path / "n.onnx"), "--input-shape", "3"]) == 2
+    assert "has no attribute nope" in capsys.readouterr().err
+
+    keras = pytest.importorskip("keras")
+    model = keras.Sequential(
+        [keras.Input((6, 6, 3)), keras.layers.Conv2D(2, 3), keras.layers.Flatten(), keras.layers.Dense(4)]
+    )
+    model.save(tmp_path / "k.keras")
+    assert main(["export", "keras", str(tmp_path / "k.keras"), "-o", str(tmp_path / "k.onnx")]) == 0
+    xk = np.random.default_rng(1).uniform(size=(2, 6, 6, 3)).astype(np.float32)
+    got = engine.load(tmp_path / "k.onnx").predict(xk)
+    np.testing.assert_allclose(got, model(xk).numpy(), rtol=1e-4, atol=1e-5)
