@@ -211,14 +211,12 @@ def _target(text: str | None, labels: list[str] | None, num_classes: int) -> int
 
 
 def _progress(args):
-    """A one-line progress reporter on stderr when it is a terminal (quiet otherwise, or --quiet)."""
+    """A progress bar on stderr when it is a terminal (none otherwise, with --quiet or --json)."""
     if getattr(args, "quiet", False) or getattr(args, "json", False) or not sys.stderr.isatty():
         return None
+    from .progress import ProgressBar
 
-    def show(step: str) -> None:
-        print(f"onnxplain: {printable(step)} ...", file=sys.stderr, flush=True)
-
-    return show
+    return ProgressBar()
 
 
 def _cmd_explain(args) -> int:
@@ -366,12 +364,7 @@ def _cmd_audit(args) -> int:
         output=args.output,
         chunk=args.chunk,
     )
-    show = _progress(args)
-
-    def progress(step: str, done: int, total: int) -> None:
-        if show:
-            show(f"{step} {done}/{total}")
-
+    progress = _progress(args)
     out.mkdir(parents=True, exist_ok=True)
     with AuditStore(out / "audit.sqlite") as store:
         summary = audit(clf, images, store, plan, progress=progress)
@@ -615,6 +608,7 @@ def _cmd_compare(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="onnxplain",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Explain ONNX classifiers.",
         epilog="exit codes: 0 ok, 1 failure, 2 usage error, 130 interrupted",
     )
@@ -762,8 +756,28 @@ def _fail(message: str, code: int) -> int:
     return code
 
 
+def _catalogue() -> str:
+    """The methods and metrics with their defaults, for the top-level --help."""
+    from .methods import METHODS, method_parameters
+    from .metrics import METRICS, metric_parameters
+
+    def line(name: str, params: dict) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in params.items() if k != "output")
+        return f"  {name}: {shown}" if shown else f"  {name}"
+
+    lines = ["methods (-m NAME, --param NAME=VALUE):"]
+    lines += [line(m, method_parameters(m)) for m in METHODS]
+    lines += ["metrics (--metric NAME):"]
+    lines += [line(m, metric_parameters(m)) for m in METRICS] or ["  none"]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)  # argparse itself exits 2 on a usage error
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv in (["-h"], ["--help"]):  # only the top-level help imports the methods
+        parser.epilog = f"{_catalogue()}\n\n{parser.epilog}"
+    args = parser.parse_args(argv)  # argparse itself exits 2 on a usage error
     try:
         return args.func(args)
     except KeyboardInterrupt:

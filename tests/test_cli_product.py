@@ -243,3 +243,23 @@ def test_export_torch_and_keras_from_the_command_line(tmp_path, capsys):
     xk = np.random.default_rng(1).uniform(size=(2, 6, 6, 3)).astype(np.float32)
     got = engine.load(tmp_path / "k.onnx").predict(xk)
     np.testing.assert_allclose(got, model(xk).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_progress_bar_draws_on_a_terminal_only():
+    import io
+
+    from engine.progress import ProgressBar
+
+    class Tty(io.StringIO):
+        def isatty(self):
+            return True
+
+    tty, log = Tty(), io.StringIO()
+    for stream in (tty, log):
+        bar = ProgressBar(stream, width=4)
+        for done in range(3):
+            bar("saliency", done, 2)
+    assert log.getvalue() == ""
+    lines = tty.getvalue()
+    assert lines.count("\r\x1b[K") == 3 and lines.endswith("\n")
+    assert "[##..] 1/2" in lines and "[####] 2/2" in lines

@@ -43,9 +43,9 @@ def compare_to_dir(
         "versions": versions(),
     }
     pngs, captions = {}, {}
-    for method in methods:
+    for k, method in enumerate(methods):
         if progress:
-            progress(method)
+            progress(method, k, len(methods))
         ma = explain(a, xa, method, target=targets, output=output, **params.get(method, {}))
         mb = explain(b, xb, method, target=targets, output=output, **params.get(method, {}))
         ma, mb = (m[0] if isinstance(m, tuple) else m for m in (ma, mb))
@@ -70,6 +70,8 @@ def compare_to_dir(
         names = [p.name for p in paths]
         columns = [f"{m} ({t})" for m in methods for t in ("a", "b")]
         atomic_write_bytes(out_dir / "report.html", _report(result, names, columns, pngs, captions).encode())
+    if progress:
+        progress("compared", len(methods), len(methods))
     return result
 
 

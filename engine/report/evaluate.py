@@ -66,11 +66,13 @@ def evaluate_to_dir(
     table: dict[str, dict[str, float]] = defaultdict(dict)
     curves: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
     seconds: dict[str, float] = {}
+    steps, total = 0, len(metrics) * len(maps)
     for metric in metrics:
         full = {**metric_parameters(metric), **params.get(metric, {})}
         for method, m in maps.items():
             if progress:
-                progress(f"{metric} of {method}")
+                progress(f"{metric} of {method}", steps, total)
+            steps += 1
             start = time.perf_counter()
             scored = evaluate(clf, x, m, metric, target=targets, **params.get(metric, {}))
             seconds[f"{metric} / {method}"] = time.perf_counter() - start
@@ -82,6 +84,8 @@ def evaluate_to_dir(
                     curves[metric][method].append((r.curve_x, r.curve_y))
             arrow = "↑" if METRICS[metric].higher_is_better else "↓"
             table[method][f"{metric} {arrow}"] = float(np.mean([r.score for r in scored]))
+    if progress:
+        progress("evaluated", total, total)
     summary = {
         "kind": "evaluation",
         "model_sha256": clf.sha256,

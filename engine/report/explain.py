@@ -60,9 +60,9 @@ def explain_to_dir(
     images = [{"path": str(p), "sha256": file_sha256(p), "decoded": d} for p, d in zip(paths, decoded)]
     labels = clf.labels or []
     records, pngs, captions = [], {}, {}
-    for method in methods:
+    for k, method in enumerate(methods):
         if progress:
-            progress(method)
+            progress(method, k, len(methods))
         start = time.perf_counter()
         maps = explain(clf, x, method, target=targets, output=output, **params.get(method, {}))
         seconds = time.perf_counter() - start
@@ -93,6 +93,8 @@ def explain_to_dir(
     atomic_write_bytes(
         out_dir / "report.html", explain_report(clf, names, methods, pngs, captions, records).encode()
     )
+    if progress:
+        progress("explained", len(methods), len(methods))
     return records
 
 
