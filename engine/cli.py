@@ -595,6 +595,9 @@ def _cmd_compare(args) -> int:
         f"mean KL {agree['mean_kl']:.3g}"
     )
     for m, d in result["methods"].items():
+        if "error" in d:
+            print(f"{m}: not compared ({printable(d['error'])})")
+            continue
         g = d["aggregate"]
         print(
             f"{m}: Spearman {g['spearman']['mean']:.4f}, top-{args.top_fraction:.0%} intersection "

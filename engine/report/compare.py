@@ -10,6 +10,7 @@ import numpy as np
 
 from ..atomic import atomic_write_bytes
 from ..compare import aggregate, explanation_agreement, model_agreement
+from ..errors import OnnxplainError
 from . import heatmap, html
 from .record import file_sha256, jsonable, versions
 
@@ -46,8 +47,17 @@ def compare_to_dir(
     for k, method in enumerate(methods):
         if progress:
             progress(method, k, len(methods))
-        ma = explain(a, xa, method, target=targets, output=output, **params.get(method, {}))
-        mb = explain(b, xb, method, target=targets, output=output, **params.get(method, {}))
+        got = []
+        for tag, clf, x in (("a", a, xa), ("b", b, xb)):
+            try:
+                got.append(explain(clf, x, method, target=targets, output=output, **params.get(method, {})))
+            except OnnxplainError as e:  # e.g. no gradient through an int8 model's QuantizeLinear
+                got.append(f"model {tag}: {e}")
+        if any(isinstance(g, str) for g in got):
+            reason = "; ".join(g for g in got if isinstance(g, str))
+            result["methods"][method] = {"params": jsonable(params.get(method, {})), "error": reason}
+            continue
+        ma, mb = got
         ma, mb = (m[0] if isinstance(m, tuple) else m for m in (ma, mb))
         rows = explanation_agreement(
             _to_nchw(ma, a.layout), _to_nchw(mb, b.layout), "NCHW", top_fraction=top_fraction
@@ -68,7 +78,8 @@ def compare_to_dir(
         out_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(out_dir / "compare.json", json.dumps(jsonable(result), indent=1).encode())
         names = [p.name for p in paths]
-        columns = [f"{m} ({t})" for m in methods for t in ("a", "b")]
+        done = [m for m in methods if "error" not in result["methods"][m]]
+        columns = [f"{m} ({t})" for m in done for t in ("a", "b")]
         atomic_write_bytes(out_dir / "report.html", _report(result, names, columns, pngs, captions).encode())
     if progress:
         progress("compared", len(methods), len(methods))
@@ -87,14 +98,16 @@ def _report(result, names, columns, pngs, captions) -> str:
     per_method = [
         {"method": m, **{f"{k} (mean)": v["mean"] for k, v in d["aggregate"].items()}}
         for m, d in result["methods"].items()
+        if "error" not in d
     ]
+    failed = [{"method": m, "not compared": d["error"]} for m, d in result["methods"].items() if "error" in d]
     models = [{"model": m["path"], "sha256": m["sha256"], "layout": m["layout"]} for m in result["models"]]
     return html.page(
         "onnxplain compare",
         [
             ("Models", html.table(models)),
             ("Do the models agree?", html.table(summary)),
-            ("Do the explanations agree?", html.table(per_method)),
+            ("Do the explanations agree?", html.table(per_method) + (html.table(failed) if failed else "")),
             ("Heatmaps (a, b)", html.grid(names, columns, pngs, captions)),
         ],
     )
