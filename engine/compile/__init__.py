@@ -17,7 +17,7 @@ import onnx
 from .. import __version__
 from ..errors import InputError
 from ..modelfile import ModelFile, read_model
-from . import builder, head
+from . import builder, head, ste
 from .graph import (
     eliminate_dead_code,
     infer_shapes,
@@ -31,7 +31,7 @@ from .prepass import UnsupportedModelError, prepass
 from .scratch import scratch_dir
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "6"
+COMPILER_VERSION = "7"  # 7: quantization pairs through a straight-through estimator
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -86,6 +86,7 @@ def compile_model(
     if rule not in ("gradient", "guided_backprop", "deconvnet"):
         raise InputError(f"unknown backward rule {rule!r}; use gradient, guided_backprop or deconvnet")
     fwd = prepass(mf.model, mf.input_name, where)
+    fwd, qdq_pairs, qdq_tensors = ste.bypass(fwd)
     shapes = infer_shapes(fwd)
     tap = None
     if layer is not None:
@@ -97,11 +98,14 @@ def compile_model(
             )
     headed = _with_head(fwd, mf, shapes, tap)
     built = _build(headed, mf, tap, rule, where)
+    ste.restore(built, qdq_pairs, qdq_tensors)
     full_shapes = _shapes_for_lowering(headed, built)
     try:
         lowered_ops = lower(built, full_shapes)
     except LoweringError as e:
         raise LoweringError(f"{where}: {e}") from e
+    if qdq_pairs:
+        lowered_ops.append("QuantizeLinear+DequantizeLinear (straight-through)")
     conv_masks(built, full_shapes)
     upsample_broadcasts(built, full_shapes, opset_version(built))
     info = CompiledInfo(
