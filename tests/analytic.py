@@ -276,6 +276,7 @@ SMALL_PARAMS = {
     "guided_backprop": {},
     "deconvnet": {},
     "grad_cam": {},
+    "igos": {"mask_size": 4, "iterations": 3, "points": 4, "blur_kernel": 5, "blur_sigma": 2.0},
 }
 
 

@@ -22,6 +22,7 @@ from engine.methods.common import Target, check_input, check_output
 from engine.methods.grad_cam import grad_cam
 from engine.methods.gradients import deconvnet, gradient_x_input, guided_backprop, saliency
 from engine.methods.guided_ig import guided_ig
+from engine.methods.igos import igos
 from engine.methods.integrated_gradients import integrated_gradients
 from engine.methods.smoothgrad import smoothgrad
 
@@ -36,6 +37,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "guided_backprop": guided_backprop,
     "deconvnet": deconvnet,
     "grad_cam": grad_cam,
+    "igos": igos,
 }
 
 
