@@ -224,6 +224,30 @@ def cnn(tmp_path_factory):
     return net.double(), clf, x
 
 
+def torch_line_search(value_at, base, sq, step, taken, decay, floor, armijo, it):
+    """Spec §9's backtracking on a torch objective ``value_at(s)``; returns (step, tied). A test
+    |L(s) − (L0 − c·s·ΣG²)| <= 1e-6·|L0| is a tie that float32 scores cannot decide: then the step
+    ``taken`` by the code under test must be one of the steps from the tie on, and is followed (so
+    the masks stay comparable); otherwise it must equal this search's step."""
+    s, candidates, tied = step, [], False
+    while True:
+        gap = value_at(s).item() - (base - armijo * s * sq)
+        tied = tied or abs(gap) <= 1e-6 * abs(base)
+        if tied:
+            candidates.append(s)
+        if gap <= 0 and not tied:
+            break
+        s *= decay
+        if s < floor:
+            candidates.append(s)
+            break
+    if tied:
+        assert any(np.isclose(taken, c, rtol=1e-9) for c in candidates), (it, taken, candidates)
+        return taken, True
+    assert np.isclose(taken, s, rtol=1e-9), (it, taken, s)
+    return s, False
+
+
 def torch_igos(
     net,
     img,
@@ -289,29 +313,19 @@ def torch_igos(
             curve += [score0.item()] * (2 if it == 0 else 1)
             base = final(m, l1) if line_search == "final" else loss
             objective = final if line_search == "final" else integrated
-            s, candidates, tied = step, [], False
-            while True:
-                gap = (objective((m - s * g).clamp(0, 1), l1) - (base - armijo * s * (g * g).sum())).item()
-                tied = tied or abs(gap) <= 1e-6 * abs(base.item())  # float32 cannot decide this
-                if tied:
-                    candidates.append(s)
-                if gap <= 0 and not tied:
-                    break
-                s *= decay
-                if s < floor:
-                    candidates.append(s)
-                    break
-            if tied:  # any step from the tie on is right: follow the one under test
-                assert any(np.isclose(taken[it], c, rtol=1e-9) for c in candidates), (
-                    it,
-                    taken[it],
-                    candidates,
-                )
-                s = taken[it]
-            else:
-                assert np.isclose(taken[it], s, rtol=1e-9), (it, taken[it], s)
-            ties.append(tied)
+            s, tied = torch_line_search(
+                lambda s, m=m, g=g, objective=objective, l1=l1: objective((m - s * g).clamp(0, 1), l1),
+                base.item(),
+                (g * g).sum().item(),
+                step,
+                taken[it],
+                decay,
+                floor,
+                armijo,
+                it,
+            )
             m = (m - s * g).clamp(0, 1).requires_grad_(True)
+            ties.append(tied)
         out.append(m.detach()[0, 0].numpy().copy())
         if l1_decay and iterations > 3:
             if it == int(iterations / 2) and abs(curve[0] - curve[it]) <= 0.001:
@@ -451,3 +465,191 @@ def test_tv_weights_are_applied():
     ref = ref + (torch.tensor(wc) * (mt[:, :, 1:] - mt[:, :, :-1]) ** 2).flatten(1).mean(1)
     ref.sum().backward()
     assert rel_err(value, ref.detach().numpy()) <= 1e-12 and rel_err(grad, mt.grad.numpy()) <= 1e-12
+
+
+# -- iGOS++ and meaningful perturbation against torch implementations --------------------------------
+
+
+def torch_igos_pp(net, img, blur, category, *, mask, l1, tv, beta, sigma, iterations, points, step, taken):
+    """iGOS++ as ``igos_pp``'s docstring states it, ONE image, float64, autograd, no noise.
+    Returns the deletion and insertion masks after every iteration (iterations, 2, h, w)."""
+    img = torch.tensor(img, dtype=torch.float64)[None]
+    blur = torch.tensor(blur, dtype=torch.float64)[None]
+    size = img.shape[2:]
+    small = F.interpolate(img, size=mask, mode="bilinear", align_corners=True)
+    w_rows = torch.exp(-((small[:, :, 1:] - small[:, :, :-1]) ** 2).mean(1) / sigma)
+    w_cols = torch.exp(-((small[:, :, :, 1:] - small[:, :, :, :-1]) ** 2).mean(1) / sigma)
+    alphas = torch.arange(1, points + 1, dtype=torch.float64).view(-1, 1, 1, 1) / points
+
+    def up(v):
+        return F.interpolate(v, size=size, mode="bilinear", align_corners=True)
+
+    def interval(start, end, u):
+        return net(start + alphas * u * (end - start)).softmax(-1)[:, category].sum() / points
+
+    def reg(v):
+        dr = (v[..., 1:, :] - v[..., :-1, :]).abs().pow(beta)
+        dc = (v[..., :, 1:] - v[..., :, :-1]).abs().pow(beta)
+        bilateral = (w_rows * dr[:, 0]).mean() + (w_cols * dc[:, 0]).mean()
+        return l1 * (1 - v).abs().mean() + tv * 0.5 * (dr.mean() + dc.mean() + bilateral)
+
+    def loss(md, mi):
+        ud, ui = up(md), up(mi)
+        both = ud * ui
+        score = interval(blur, img, ud) - interval(img, blur, ui)
+        score = score + interval(blur, img, both) - interval(img, blur, both)
+        return score + reg(md * mi)
+
+    md = torch.ones(1, 1, *mask, dtype=torch.float64, requires_grad=True)
+    mi = torch.ones(1, 1, *mask, dtype=torch.float64, requires_grad=True)
+    out = []
+    for it in range(iterations):
+        value = loss(md, mi)
+        gd, gi = torch.autograd.grad(value, (md, mi))
+        with torch.no_grad():
+            s, _ = torch_line_search(
+                lambda s, md=md, mi=mi, gd=gd, gi=gi: loss(
+                    (md - s * gd).clamp(0, 1), (mi - s * gi).clamp(0, 1)
+                ),
+                value.item(),
+                ((gd * gd).sum() + (gi * gi).sum()).item(),
+                step,
+                taken[it],
+                0.2,
+                1e-5,
+                1e-4,
+                it,
+            )
+            md = (md - s * gd).clamp(0, 1).requires_grad_(True)
+            mi = (mi - s * gi).clamp(0, 1).requires_grad_(True)
+        out.append(np.stack([md.detach()[0, 0].numpy(), mi.detach()[0, 0].numpy()]))
+    return np.stack(out)
+
+
+def test_igos_pp_matches_torch_implementation(cnn):
+    net, clf, x = cnn
+    params = {"mask_size": (5, 4), "iterations": 4, "points": 4, "blur_kernel": 7, "blur_sigma": 3.0}
+    params.update(l1=0.05, tv=0.5, bilateral_sigma=0.5, noise_std=0.0, step=100.0)
+    heat, details = explain(clf, x[:2], "igos_pp", return_details=True, **params)
+    target = clf.predict(x[:2]).argmax(1)
+    blur = gaussian_blur_reflect(x[:2], 7, 3.0, (2, 3))
+    for n in range(2):
+        ref = torch_igos_pp(
+            net,
+            x[n],
+            blur[n],
+            int(target[n]),
+            mask=(5, 4),
+            l1=0.05,
+            tv=0.5,
+            beta=2.0,
+            sigma=0.5,
+            iterations=4,
+            points=4,
+            step=100.0,
+            taken=details["step"][:, n],
+        )
+        ours = np.stack([details["deletion"][:, n], details["insertion"][:, n]], axis=1)
+        assert rel_err(ours, ref) <= 1e-5, (n, rel_err(ours, ref))
+        assert ((ref[-1] > 0.01) & (ref[-1] < 0.99)).any()
+        assert np.abs(ref[-1, 0] - ref[-1, 1]).max() > 1e-3  # the two masks differ
+    up = F.interpolate(
+        torch.tensor(details["mask"])[:, None], size=SHAPE[1:], mode="bilinear", align_corners=True
+    )
+    np.testing.assert_allclose(heat, np.broadcast_to(1 - up.numpy(), heat.shape), atol=1e-6)
+
+
+def torch_mask(net, img, blur, category, *, mask, l1, tv, beta, iterations, lr, noise):
+    """Meaningful perturbation as the jacobgil port, ONE image, float64, torch.optim.Adam."""
+    img = torch.tensor(img, dtype=torch.float64)[None]
+    blur = torch.tensor(blur, dtype=torch.float64)[None]
+    m = torch.ones(1, 1, *mask, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.Adam([m], lr=lr)
+    losses = []
+    for _ in range(iterations):
+        u = F.interpolate(m, size=img.shape[2:], mode="bilinear", align_corners=True)
+        inp = img * u + blur * (1 - u) + torch.tensor(noise())
+        dr = (m[..., 1:, :] - m[..., :-1, :]).abs().pow(beta).mean()
+        dc = (m[..., :, 1:] - m[..., :, :-1]).abs().pow(beta).mean()
+        loss = l1 * (1 - m).abs().mean() + tv * (dr + dc) + net(inp).softmax(-1)[0, category]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        m.data.clamp_(0, 1)
+        losses.append(loss.item())
+    return m.detach()[0, 0].numpy(), np.array(losses)
+
+
+def test_meaningful_perturbation_matches_torch_adam(cnn):
+    net, clf, x = cnn
+    params = {"mask_size": (5, 4), "iterations": 8, "median_kernel": 3, "learning_rate": 0.05, "seed": 3}
+    heat, details = explain(clf, x, "mask", return_details=True, **params)
+    target = clf.predict(x).argmax(1)
+    blur = median_blur(x, 3, (2, 3))
+    for n in range(len(x)):
+        rng = np.random.default_rng(np.random.SeedSequence(3).spawn(len(x))[n])
+
+        def noise(rng=rng):
+            return rng.standard_normal((1, *SHAPE))[0] * 0.2  # every channel, the documented stream
+
+        ref, losses = torch_mask(
+            net,
+            x[n],
+            blur[n],
+            int(target[n]),
+            mask=(5, 4),
+            l1=0.01,
+            tv=0.2,
+            beta=3.0,
+            iterations=8,
+            lr=0.05,
+            noise=noise,
+        )
+        assert rel_err(details["mask"][n], ref) <= 1e-5, (n, rel_err(details["mask"][n], ref))
+        assert rel_err(details["loss"][:, n], losses) <= 1e-5
+        assert ((ref > 0.01) & (ref < 0.99)).any()
+
+
+@pytest.mark.parametrize("method", ["igos_pp", "mask"])
+def test_mask_methods_seeded_and_batch_size_free(cnn, method):
+    _, clf, x = cnn
+    params = {
+        "mask_size": 4,
+        "iterations": 3,
+        "blur_kernel": 7,
+        "blur_sigma": 3.0,
+        "median_kernel": 3,
+        "seed": 5,
+    }
+    if method == "igos_pp":
+        params["points"] = 3
+    saved = clf.batch_size
+    try:
+        a = explain(clf, x, method, **params)
+        clf.batch_size = 2
+        b = explain(clf, x, method, **params)
+    finally:
+        clf.batch_size = saved
+    assert rel_err(b, a) <= 1e-6
+    np.testing.assert_array_equal(a, explain(clf, x, method, **params))
+    assert not np.array_equal(a, explain(clf, x, method, **{**params, "seed": 6}))
+
+
+@pytest.mark.parametrize(
+    "method, name, value",
+    [
+        ("igos_pp", "bilateral_sigma", 0.0),
+        ("igos_pp", "points", 0),
+        ("igos_pp", "step_decay", 0.0),
+        ("igos_pp", "mask_size", (2, 2, 2)),
+        ("mask", "learning_rate", -1.0),
+        ("mask", "adam_betas", (0.9, 1.0)),
+        ("mask", "adam_eps", float("nan")),
+        ("mask", "tv_beta", 0.0),
+        ("mask", "preset", "fast"),
+    ],
+)
+def test_mask_methods_bad_parameters(method, name, value):
+    m = ConvNet("NCHW", size=(8, 8))
+    with pytest.raises(ParameterError, match=name):
+        explain(m, images(m, 1), method, **{"mask_size": 3, "iterations": 1, "median_kernel": 3, name: value})

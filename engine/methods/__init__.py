@@ -23,7 +23,9 @@ from engine.methods.grad_cam import grad_cam
 from engine.methods.gradients import deconvnet, gradient_x_input, guided_backprop, saliency
 from engine.methods.guided_ig import guided_ig
 from engine.methods.igos import igos
+from engine.methods.igos_pp import igos_pp
 from engine.methods.integrated_gradients import integrated_gradients
+from engine.methods.meaningful_perturbation import meaningful_perturbation
 from engine.methods.smoothgrad import smoothgrad
 
 METHODS: dict[str, Callable[..., Any]] = {
@@ -38,6 +40,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "deconvnet": deconvnet,
     "grad_cam": grad_cam,
     "igos": igos,
+    "igos_pp": igos_pp,
+    "mask": meaningful_perturbation,
 }
 
 

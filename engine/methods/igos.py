@@ -15,21 +15,20 @@ from typing import Any
 import numpy as np
 
 from engine.errors import ParameterError
-from engine.methods.common import Target, prepare
+from engine.methods.common import Target
 from engine.methods.masks import (
     Perturbation,
-    Upsampler,
     apply_preset,
     armijo_line_search,
     check_line_search,
-    check_noise,
     check_non_negative,
     check_positive_int,
+    heatmap,
     keyword_defaults,
-    mask_shape,
     regulariser,
+    setup,
 )
-from engine.perturb import Baseline, mask_baseline, spatial_axes
+from engine.perturb import Baseline
 from engine.protocol import ClassifierLike
 
 LINE_SEARCHES = ("integrated", "final")
@@ -116,40 +115,23 @@ def igos(
     for key in ("model", "x", "target", "output", "preset", "return_details"):
         given.pop(key)
     p = apply_preset(IGOS_PRESETS, preset, given, IGOS_DEFAULTS)
-    x, target = prepare(model, x, target, output)
-    baseline_batch = mask_baseline(
-        model,
-        x,
-        p["baseline"],
-        blur_kernel=p["blur_kernel"],
-        blur_sigma=p["blur_sigma"],
-        median_kernel=p["median_kernel"],
-        seed=p["seed"],
-    )
-    h_ax, w_ax = spatial_axes(model)
-    image_shape = (x.shape[h_ax], x.shape[w_ax])
-    channels = x.shape[1] if model.layout == "NCHW" else x.shape[3]
-    shape = mask_shape(p["mask_size"], image_shape)
-    iterations = check_positive_int("iterations", p["iterations"], 0)
+    ctx = setup(model, x, target, output, p)
+    x, target, up, iterations = ctx["x"], ctx["target"], ctx["up"], ctx["iterations"]
+    l1, tv, tv_beta = ctx["l1"], ctx["tv"], ctx["tv_beta"]
     n_points = check_positive_int("points", p["points"])
-    l1, tv, tv_beta = (check_non_negative(k, p[k]) for k in ("l1", "tv", "tv_beta"))
-    if tv_beta < 1:
-        raise ParameterError(f"tv_beta must be >= 1 (its gradient is unbounded below 1), got {tv_beta!r}")
     divisor = float(n_points) if p["divisor"] is None else check_non_negative("divisor", p["divisor"])
     if divisor == 0:
         raise ParameterError("divisor must be > 0 or None, got 0")
     if p["line_search"] not in LINE_SEARCHES:
         raise ParameterError(f"line_search must be one of {LINE_SEARCHES}, got {p['line_search']!r}")
     check_line_search(p["step"], p["step_decay"], p["step_floor"], p["armijo"])
-    noise_std = check_noise(p["noise_std"], p["noise_channels"], channels)
 
     n = len(x)
-    up = Upsampler(shape, image_shape)
-    pert = Perturbation(model, baseline_batch, x, target, output, noise_std, p["seed"])
+    pert = Perturbation(model, ctx["baseline"], x, target, output, ctx["noise_std"], p["seed"])
     alphas = np.arange(1, n_points + 1, dtype=np.float64) / n_points
     weights = np.full(n_points, 1.0 / divisor)
     everyone = np.arange(n)
-    masks = np.ones((n, *shape))
+    masks = np.ones((n, *ctx["shape"]))
     l1s = np.full(n, l1)
     history: dict[str, list] = {"masks": [], "loss": [], "step": [], "score": [], "l1": []}
     start_scores: list[np.ndarray] = []  # the demo's curve2: the score at the start of each iteration
@@ -197,9 +179,7 @@ def igos(
             elif it == int(iterations / 1.25):
                 l1s = np.where(moved <= 0.01, l1s / 5, l1s)
 
-    heat = 1.0 - up(masks)
-    ch_ax = 1 if model.layout == "NCHW" else 3
-    heat = np.broadcast_to(np.expand_dims(heat, ch_ax), x.shape).astype(np.float32)
+    heat = heatmap(up, masks, x, ctx["ch_ax"])
     if not return_details:
         return heat
     details = {k: np.stack(v) if v else np.zeros((0, n)) for k, v in history.items()}

@@ -221,24 +221,35 @@ class Perturbation:
         target = np.tile(self.target[idx], points.shape[0])
         return output_scores(logits, target, self.output).reshape(points.shape[:2])
 
-    def score_and_grad(self, points: np.ndarray, alphas: np.ndarray, weights: np.ndarray, idx: np.ndarray):
-        """(Σ_p w_p f(point_p) (k,), its gradient with respect to up(M) (k, H, W)), one ``gradient``
-        call for all P·k points."""
+    def gradients(self, points: np.ndarray, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(scores (P, k) float64, input gradients (P, k, C, H, W) NCHW) of points (P, k, C, H, W):
+        one ``gradient`` call for all P·k rows."""
         p, k = points.shape[:2]
         scores, grads = self.model.gradient(
             self._to_model(points), np.tile(self.target[idx], p), output=self.output
         )
-        scores = np.asarray(scores, dtype=np.float64).reshape(p, k)
-        grads = np.asarray(grads).reshape(p * k, *np.asarray(grads).shape[1:])
+        grads = np.asarray(grads)
         if self.nhwc:
             grads = grads.transpose(0, 3, 1, 2)
-        grads = grads.reshape(p, k, *grads.shape[1:])
+        return np.asarray(scores, dtype=np.float64).reshape(p, k), grads.reshape(p, k, *grads.shape[1:])
+
+    def chain(
+        self, grads: np.ndarray, alphas: np.ndarray, weights: np.ndarray, idx: np.ndarray
+    ) -> np.ndarray:
+        """d/d up(M) (k, H, W) of Σ_p w_p f(point_p), from the input gradients (P, k, C, H, W):
+        Σ_p w_p α_p Σ_c ∂f/∂x_c ⊙ (end − start)_c."""
         delta = self.delta[idx]
-        acc = np.zeros((k, *delta.shape[2:]))
-        for i in range(p):
+        acc = np.zeros((len(idx), *delta.shape[2:]))
+        for i in range(len(alphas)):
             if weights[i] != 0:
                 acc += (weights[i] * alphas[i]) * np.einsum("nchw,nchw->nhw", grads[i], delta)
-        return weights @ scores, acc
+        return acc
+
+    def score_and_grad(self, points: np.ndarray, alphas: np.ndarray, weights: np.ndarray, idx: np.ndarray):
+        """(Σ_p w_p f(point_p) (k,), its gradient with respect to up(M) (k, H, W)), one ``gradient``
+        call for all P·k points."""
+        scores, grads = self.gradients(points, idx)
+        return weights @ scores, self.chain(grads, alphas, weights, idx)
 
 
 def check_noise(noise_std, noise_channels, channels: int) -> np.ndarray:
@@ -293,15 +304,16 @@ def armijo_line_search(
     sq = (direction * direction).reshape(n, -1).sum(axis=1)
     accepted = np.zeros(n, dtype=bool)
     active = np.arange(n)
+    expand = (slice(None),) + (None,) * (masks.ndim - 1)  # one step per image, any mask shape
     while active.size:
-        s = steps[active][:, None, None]
+        s = steps[active][expand]
         values = objective(np.clip(masks[active] - s * direction[active], 0.0, 1.0), active)
         ok = values <= base[active] - armijo * steps[active] * sq[active]
         accepted[active[ok]] = True
         failed = active[~ok]
         steps[failed] *= decay
         active = failed[steps[failed] >= floor]
-    return np.clip(masks - steps[:, None, None] * direction, 0.0, 1.0), steps, accepted
+    return np.clip(masks - steps[expand] * direction, 0.0, 1.0), steps, accepted
 
 
 def check_line_search(step: float, decay: float, floor: float, armijo: float) -> None:
@@ -356,3 +368,52 @@ def _same(a, b) -> bool:
         return bool(type(a) is type(b) and a == b)
     except (TypeError, ValueError):
         return False
+
+
+# -- the set-up every mask method shares --------------------------------------------------------------
+
+
+def setup(model: ClassifierLike, x: np.ndarray, target, output: str, p: dict) -> dict:
+    """Validate the shared parameters in ``p`` and build what every mask method needs: x (float32),
+    target (N,), the baseline batch, the mask shape, the Upsampler, the per-channel noise std, the
+    channel axis. Keys of ``p`` used: baseline, blur_kernel, blur_sigma, median_kernel, seed,
+    mask_size, iterations, l1, tv, tv_beta, noise_std, noise_channels."""
+    from engine.methods.common import prepare
+    from engine.perturb import mask_baseline, spatial_axes
+
+    x, target = prepare(model, x, target, output)
+    h_ax, w_ax = spatial_axes(model)
+    image_shape = (x.shape[h_ax], x.shape[w_ax])
+    ch_ax = 1 if model.layout == "NCHW" else 3
+    shape = mask_shape(p["mask_size"], image_shape)
+    out = {
+        "x": x,
+        "target": target,
+        "shape": shape,
+        "up": Upsampler(shape, image_shape),
+        "ch_ax": ch_ax,
+        "iterations": check_positive_int("iterations", p["iterations"], 0),
+        "noise_std": check_noise(p["noise_std"], p["noise_channels"], x.shape[ch_ax]),
+    }
+    for key in ("l1", "tv", "tv_beta"):
+        out[key] = check_non_negative(key, p[key])
+    if out["tv_beta"] < 1:
+        raise ParameterError(
+            f"tv_beta must be >= 1 (the TV gradient is unbounded below 1), got {p['tv_beta']!r}"
+        )
+    out["baseline"] = mask_baseline(
+        model,
+        x,
+        p["baseline"],
+        blur_kernel=p["blur_kernel"],
+        blur_sigma=p["blur_sigma"],
+        median_kernel=p["median_kernel"],
+        seed=p["seed"],
+    )
+    return out
+
+
+def heatmap(up: Upsampler, masks: np.ndarray, x: np.ndarray, ch_ax: int) -> np.ndarray:
+    """1 − up(M) as float32 shaped like ``x`` (repeated over the channel axis, as grad_cam)."""
+    heat = 1.0 - up(masks)
+    return np.broadcast_to(np.expand_dims(heat, ch_ax), x.shape).astype(np.float32)
