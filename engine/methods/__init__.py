@@ -66,8 +66,8 @@ def explain(
     (loaded with ``engine.model.load``). target: None (top-1 prediction), a class id, or one id
     per image. output: "probability" (softmax), "logit" or "log_probability" — the explained score.
     params: the method's own parameters (``method_parameters(method)``); an unknown name raises
-    TypeError. ``return_delta`` (integrated_gradients) and ``return_per_class`` (agi) make the
-    result a tuple (map, extra).
+    TypeError. ``return_delta`` (integrated_gradients), ``return_per_class`` (agi) and
+    ``return_details`` (igos, igos_pp, mask) make the result a tuple (map, extra).
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
