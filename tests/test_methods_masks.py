@@ -653,3 +653,19 @@ def test_mask_methods_bad_parameters(method, name, value):
     m = ConvNet("NCHW", size=(8, 8))
     with pytest.raises(ParameterError, match=name):
         explain(m, images(m, 1), method, **{"mask_size": 3, "iterations": 1, "median_kernel": 3, name: value})
+
+
+def test_presets_are_data_and_explicit_parameters_win():
+    from engine.methods.igos import IGOS_PRESETS
+
+    m = ConvNet("NCHW", size=(8, 8))
+    x = images(m, 2)
+    common = {"mask_size": 3, "points": 2, "blur_kernel": 5, "blur_sigma": 2.0, "return_details": True}
+    _, ref = explain(m, x, "igos", preset="reference", iterations=4, **common)
+    _, own = explain(m, x, "igos", iterations=4, **common, **IGOS_PRESETS["reference"])
+    np.testing.assert_array_equal(ref["masks"], own["masks"])
+    assert ref["step"].max() <= 200.0
+    _, mine = explain(m, x, "igos", preset="reference", iterations=4, step=7.0, **common)
+    assert mine["step"].max() <= 7.0 and not np.array_equal(mine["masks"], ref["masks"])
+    _, swapped = explain(m, x, "igos", preset="igos_pp_main", **{**common, "points": 20})
+    assert swapped["masks"].shape[0] == 20

@@ -49,6 +49,8 @@ IGOS_PRESETS: dict[str, dict[str, Any]] = {
         "step": 200.0,
         "l1_decay": True,
     },
+    # IGOS_pp's main.py as run with its CLI defaults: it swaps the two counts (20 iterations, 15 points)
+    "igos_pp_main": {"iterations": 20, "points": 15},
 }
 
 
@@ -98,9 +100,10 @@ def igos(
     ``l1_decay``: the demo's heuristic (iterations > 3): λ1 /= 10 after iteration ⌊iterations/2⌋
     when the score moved ≤ 0.001 from its start, else λ1 /= 5 after ⌊iterations/1.25⌋ when it
     moved ≤ 0.01 (compared with the score at the start of the previous iteration, as the demo).
-    ``preset``: "paper" or "reference" (``IGOS_PRESETS``) replace the parameters left at their
-    defaults. baseline: "blur" (OpenCV-style Gaussian ``blur_kernel``, ``blur_sigma``, reflect-101
-    border), "median" (``median_kernel``), "mixed" (their mean), or any ``make_baseline`` value.
+    ``preset``: "paper", "reference" or "igos_pp_main" (``IGOS_PRESETS``) set the parameters
+    left at their defaults (a parameter passed with its default value counts as left).
+    baseline: "blur" (OpenCV-style Gaussian ``blur_kernel``, ``blur_sigma``, reflect-101 border),
+    "median" (``median_kernel``), "mixed" (their mean), or any ``make_baseline`` value.
 
     Where we differ: the line search of IGOS_pp redraws noise for its base value; here the base
     is the integrated score of the gradient call (same noise), and an image whose step is accepted
