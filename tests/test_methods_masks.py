@@ -669,3 +669,27 @@ def test_presets_are_data_and_explicit_parameters_win():
     assert mine["step"].max() <= 7.0 and not np.array_equal(mine["masks"], ref["masks"])
     _, swapped = explain(m, x, "igos", preset="igos_pp_main", **{**common, "points": 20})
     assert swapped["masks"].shape[0] == 20
+
+
+@pytest.mark.parametrize("method", ["igos", "igos_pp", "mask"])
+def test_layouts_agree(method):
+    """The NHWC ConvNet is the NCHW one on transposed inputs: the maps must be the transposed maps."""
+    nchw, nhwc = ConvNet("NCHW", size=(8, 6)), ConvNet("NHWC", size=(8, 6))
+    x = images(nchw, 2)
+    params = {"mask_size": (3, 2), "iterations": 3, "blur_kernel": 5, "blur_sigma": 2.0, "median_kernel": 3}
+    if method != "mask":
+        params["points"] = 3
+    a = explain(nchw, x, method, target=1, **params)
+    b = explain(nhwc, x.transpose(0, 2, 3, 1), method, target=1, **params)
+    assert rel_err(b, a.transpose(0, 2, 3, 1)) <= 1e-6 and np.abs(a).max() > 0
+
+
+def test_mixed_baseline_is_the_mean_of_blur_and_median():
+    from engine.perturb import mask_baseline
+
+    m = ConvNet("NCHW", size=(8, 8))
+    x = images(m, 2)
+    mixed = mask_baseline(m, x, "mixed", blur_kernel=5, blur_sigma=2.0, median_kernel=3)
+    expected = (gaussian_blur_reflect(x, 5, 2.0, (2, 3)).astype(np.float64) + median_blur(x, 3, (2, 3))) / 2
+    assert rel_err(mixed, expected) <= 1e-7
+    np.testing.assert_array_equal(mask_baseline(m, x, "black"), np.zeros_like(x))
