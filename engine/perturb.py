@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from engine.errors import ParameterError
 from engine.protocol import ClassifierLike
 
 Baseline = str | float | np.ndarray
@@ -79,3 +80,70 @@ def make_baseline(
     if not np.isfinite(b).all():
         raise ValueError("baseline contains NaN/Inf values")
     return b
+
+
+def opencv_gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:
+    """The 1-D kernel of ``cv2.getGaussianKernel(ksize, sigma)`` in float64: exp(−t²/2σ²) for
+    t = −(ksize−1)/2 … (ksize−1)/2, normalised to sum 1; σ <= 0 means OpenCV's default
+    0.3·((ksize−1)/2 − 1) + 0.8."""
+    if int(ksize) != ksize or ksize < 1 or ksize % 2 == 0:
+        raise ParameterError(f"blur_kernel must be a positive odd integer, got {ksize!r}")
+    if sigma <= 0:
+        sigma = 0.3 * ((ksize - 1) * 0.5 - 1) + 0.8
+    t = np.arange(ksize, dtype=np.float64) - (ksize - 1) / 2
+    k = np.exp(-(t * t) / (2.0 * sigma * sigma))
+    return k / k.sum()
+
+
+def gaussian_blur_reflect(x: np.ndarray, ksize: int, sigma: float, axes: tuple[int, int]) -> np.ndarray:
+    """Separable Gaussian blur of the two spatial ``axes`` like ``cv2.GaussianBlur(img, (k, k), σ)``
+    on a float image: OpenCV's kernel, BORDER_REFLECT_101 (scipy's "mirror"), computed in float64.
+    I-GOS's baseline (51×51, σ=50). Returns float32."""
+    k = opencv_gaussian_kernel(int(ksize), float(sigma))
+    out = np.asarray(x, dtype=np.float64)
+    for a in axes:
+        out = ndimage.correlate1d(out, k, axis=a, mode="mirror")
+    return out.astype(np.float32)
+
+
+def median_blur(x: np.ndarray, size: int, axes: tuple[int, int]) -> np.ndarray:
+    """Median over a ``size``×``size`` window of the spatial ``axes``, each channel on its own, with
+    the edge pixels replicated (``cv2.medianBlur``'s border). OpenCV takes the median of the uint8
+    image; here it is taken of the values themselves (no rounding to 1/255). Returns float32."""
+    if int(size) != size or size < 1 or size % 2 == 0:
+        raise ParameterError(f"median_kernel must be a positive odd integer, got {size!r}")
+    window = [1] * x.ndim
+    for a in axes:
+        window[a] = int(size)
+    return ndimage.median_filter(np.asarray(x, dtype=np.float32), size=window, mode="nearest")
+
+
+MASK_BASELINES = ("blur", "median", "mixed")
+
+
+def mask_baseline(
+    model: ClassifierLike,
+    x: np.ndarray,
+    baseline: Baseline,
+    *,
+    blur_kernel: int = 51,
+    blur_sigma: float = 50.0,
+    median_kernel: int = 11,
+    seed: int | None = 0,
+) -> np.ndarray:
+    """The baseline of the mask-optimisation methods (I-GOS, iGOS++, meaningful perturbation).
+
+    "blur": ``gaussian_blur_reflect`` (OpenCV's kernel and border; I-GOS: 51, σ=50); "median":
+    ``median_blur`` (meaningful perturbation: 11); "mixed": the mean of the two (I-GOS's
+    ``blur_type='Mixed'``). Anything else goes to ``make_baseline`` ("black", "white", "uniform",
+    a number, an array).
+    """
+    if isinstance(baseline, str) and baseline in MASK_BASELINES:
+        axes = spatial_axes(model)
+        if baseline == "median":
+            return median_blur(x, median_kernel, axes)
+        gauss = gaussian_blur_reflect(x, blur_kernel, blur_sigma, axes)
+        if baseline == "blur":
+            return gauss
+        return ((gauss.astype(np.float64) + median_blur(x, median_kernel, axes)) / 2).astype(np.float32)
+    return make_baseline(model, x, baseline, seed=seed)

@@ -276,6 +276,9 @@ SMALL_PARAMS = {
     "guided_backprop": {},
     "deconvnet": {},
     "grad_cam": {},
+    "igos": {"mask_size": 4, "iterations": 3, "points": 4, "blur_kernel": 5, "blur_sigma": 2.0},
+    "igos_pp": {"mask_size": 4, "iterations": 3, "points": 4, "blur_kernel": 5, "blur_sigma": 2.0},
+    "mask": {"mask_size": 4, "iterations": 5, "median_kernel": 3},
 }
 
 
