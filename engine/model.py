@@ -141,6 +141,11 @@ class Classifier:
         return self._mf.path
 
     @property
+    def onnx_model(self) -> onnx.ModelProto:
+        """The forward graph this classifier serves (after engine.adapt); do not modify it."""
+        return self._mf.model
+
+    @property
     def sha256(self) -> str:
         return self._mf.sha256
 

@@ -20,6 +20,17 @@ from engine.metrics.base import MetricResult, metric
 
 METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
 
+from engine.metrics.completeness import completeness  # noqa: E402
+from engine.metrics.sanity import model_randomisation  # noqa: E402
+from engine.metrics.stability import max_sensitivity, stability  # noqa: E402
+
+METRICS.update(
+    completeness=completeness,
+    model_randomisation=model_randomisation,
+    stability=stability,
+    max_sensitivity=max_sensitivity,
+)
+
 
 def metric_parameters(name: str) -> dict[str, Any]:
     """The tunable parameters of a metric and their defaults (the keyword-only ones)."""
