@@ -356,3 +356,25 @@ def test_step_sensitivity_pools_shared_points(rule, idgi):
     assert list(steps_axis) == list(steps) and curve.shape == (len(steps),)
     chunked = step_sensitivity(model, x, steps=steps, method_params={"rule": rule, "idgi": idgi}, chunk=3)
     assert np.allclose(chunked.delta, result.delta, rtol=1e-9, atol=1e-12)  # chunking: summation order only
+
+
+def test_redraw_keeps_each_tensors_scale_and_is_seeded():
+    from engine.initializers import Block
+
+    rng = np.random.default_rng(0)
+    values = {"w": rng.normal(0.3, 2.0, (200, 300)).astype(np.float32), "b": np.zeros(7, np.float32)}
+    block = Block("fc", "Gemm", 4, ("w", "b"))
+    for distribution in ("normal", "uniform"):
+        new = redraw(values, block, distribution=distribution, seed=9)
+        w = new["w"].astype(np.float64)
+        assert new["w"].dtype == np.float32 and new["w"].shape == (200, 300)
+        assert abs(w.mean() - 0.3) < 0.05 and abs(w.std() - 2.0) < 0.05, distribution
+        assert np.abs(np.corrcoef(w.ravel(), values["w"].ravel())[0, 1]) < 0.02  # independent of the old
+        assert np.array_equal(new["b"], values["b"])  # no spread: kept
+        again = redraw(values, block, distribution=distribution, seed=9)
+        assert np.array_equal(again["w"], new["w"])
+        assert not np.array_equal(redraw(values, block, distribution=distribution, seed=10)["w"], new["w"])
+    uniform = redraw(values, block, distribution="uniform", seed=9)["w"]
+    assert uniform.max() <= 0.3 + np.sqrt(3) * values["w"].std() + 1e-3
+    with pytest.raises(InputError, match="distribution"):
+        redraw(values, block, distribution="glorot")

@@ -1,4 +1,4 @@
-"""Completeness of path attributions (Sundararajan et al. 2017, axiom; specs/methods.md §4, §7).
+"""Completeness of path attributions (Sundararajan et al. 2017, axiom; docs/completeness.md).
 
 A path method's map should sum to the change of the explained score along its path:
 Σ attribution = f(x) − f(x'). The score is the gap |Σ attribution − (f(x) − f(x'))| per image;

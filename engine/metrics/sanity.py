@@ -32,7 +32,6 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy import stats
 
 from engine.errors import ParameterError
 from engine.metrics.base import MetricResult, metric
@@ -50,6 +49,8 @@ SIMILARITIES = ("spearman", "spearman_abs", "ssim", "hog")
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Spearman rank correlation per row of two (N, ...) batches: Pearson correlation of the
     ranks (ties get their average rank, as ``scipy.stats.spearmanr``). NaN for a constant row."""
+    from scipy import stats  # imported here: scipy.stats takes a second to import
+
     a = np.asarray(a, np.float64).reshape(len(a), -1)
     b = np.asarray(b, np.float64).reshape(len(b), -1)
     return pearson(stats.rankdata(a, axis=1), stats.rankdata(b, axis=1))

@@ -1,4 +1,4 @@
-"""Step-count sensitivity of a path method (the IDGI study's figure: each metric against steps).
+"""Step-count sensitivity of a path method (the IDGI study's figure; docs/completeness.md).
 
 ``step_sensitivity(model, x, steps=(1, 2, 4, ..., 64))`` runs a path method at every step count
 and evaluates metrics on each map. For Integrated Gradients (and IDGI on its points) the path
