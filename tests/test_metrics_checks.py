@@ -378,3 +378,32 @@ def test_redraw_keeps_each_tensors_scale_and_is_seeded():
     assert uniform.max() <= 0.3 + np.sqrt(3) * values["w"].std() + 1e-3
     with pytest.raises(InputError, match="distribution"):
         redraw(values, block, distribution="glorot")
+
+
+def test_blocks_take_the_bias_add_and_the_normalisation_after_them():
+    from onnx import TensorProto, helper
+
+    def init(name, *shape):
+        return numpy_helper.from_array(np.ones(shape, np.float32), name)
+
+    nodes = [
+        helper.make_node("Conv", ["x", "cw"], ["c"], name="conv"),
+        helper.make_node("BatchNormalization", ["c", "g", "be", "mu", "var"], ["n"], name="bn"),
+        helper.make_node("Flatten", ["n"], ["f"]),
+        helper.make_node("MatMul", ["f", "mw"], ["m"], name="mm"),
+        helper.make_node("Add", ["m", "mb"], ["a"]),
+        helper.make_node("LayerNormalization", ["a", "ls", "lb"], ["y"], name="ln", axis=-1),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 5])],
+        [init("cw", 4, 2, 1, 1), init("g", 4), init("be", 4), init("mu", 4), init("var", 4)]
+        + [init("mw", 36, 5), init("mb", 5), init("ls", 5), init("lb", 5)],
+    )
+    blocks = find_blocks(helper.make_model(graph))
+    assert [(b.name, b.op, b.weights) for b in blocks] == [
+        ("conv", "Conv", ("cw", "g", "be")),  # running mean and variance are statistics: kept
+        ("mm", "MatMul", ("mw", "mb", "ls", "lb")),
+    ]
