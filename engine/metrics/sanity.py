@@ -27,6 +27,7 @@ similarity after the full cascade is below ``threshold`` (default 0.5 on "spearm
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -264,7 +265,7 @@ def sanity_check(
 ) -> SanityReport:
     """Model-parameter (and data) randomisation test of ``method`` on a batch ``x``.
 
-    model: a Classifier (``engine.load``; its weights are replaced with ``with_initializers``).
+    model: a Classifier or an ONNX path (its weights are replaced with ``with_initializers``).
     method: a name in ``engine.METHODS`` or a callable ``fn(model, x, target, output=..., **params)``.
     params: the method's parameters. modes: any of "cascading", "independent", "data" ("data"
     needs ``data_model``, a model of the same input and classes). blocks: the blocks to randomise
@@ -273,6 +274,14 @@ def sanity_check(
     ``threshold`` decide ``passed``. maps: the method's maps on the trained model, if already
     computed. Costs one method run per record (cascading and independent: one per block each).
     """
+    if isinstance(model, (str, os.PathLike)):
+        from engine.model import load  # here: onnxruntime only when a path is given
+
+        model = load(model)
+    if isinstance(data_model, (str, os.PathLike)):
+        from engine.model import load
+
+        data_model = load(data_model)
     params = dict(params or {})
     unknown = [m for m in modes if m not in MODES]
     if unknown or not modes:
