@@ -8,6 +8,7 @@ closed-form analytic models (tests/analytic.py) for stability, completeness and 
 from __future__ import annotations
 
 import io
+import json
 
 import numpy as np
 import onnx
@@ -176,6 +177,12 @@ def test_cascade_flags_an_edge_detector_and_passes_saliency(cnn):
     cascade = [r for r in report.records if r.mode == "cascading"]
     assert [r.randomised for r in cascade] == [tuple(names[::-1][:k]) for k in range(1, len(names) + 1)]
     assert [r.randomised for r in report.records if r.mode == "independent"] == [(n,) for n in names[::-1]]
+    fc = initializer_values(clf.onnx_model)["9.weight"]
+    assert report.settings["redrawn_from"]["9.weight"] == {
+        "mean": float(fc.mean(dtype=np.float64)),
+        "std": float(fc.std(dtype=np.float64)),
+    }
+    assert json.loads(json.dumps(report.to_dict()))["records"][0]["block"] == names[-1]
     final = report.final("cascading").mean()
     assert report.passed and final["spearman_abs"] < 0.5 and final["ssim"] < 0.5, final
 

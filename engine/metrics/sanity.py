@@ -167,7 +167,9 @@ class SanityRecord:
 
 @dataclass
 class SanityReport:
-    """The result of ``sanity_check``: the original maps and one record per randomised model."""
+    """The result of ``sanity_check``: the original maps and one record per randomised model.
+    settings: distribution, seed, output, modes, and "redrawn_from": each re-drawn tensor's
+    original mean and standard deviation (the parameters of its new distribution)."""
 
     method: str
     params: dict[str, Any]
@@ -318,6 +320,7 @@ def sanity_check(
 
     all_blocks: list[Block] = []
     chosen: list[Block] = []
+    drawn: dict[str, dict[str, float]] = {}
     records: list[SanityRecord] = []
     if needs_weights:
         proto = model.onnx_model
@@ -327,6 +330,15 @@ def sanity_check(
         chosen = _select(all_blocks, blocks)
         values = initializer_values(proto)
         new = {b.name: redraw(values, b, distribution=distribution, seed=seed) for b in chosen}
+        # the distribution each tensor was re-drawn from, recorded with the result
+        drawn = {
+            name: {
+                "mean": float(values[name].mean(dtype=np.float64)),
+                "std": float(values[name].std(dtype=np.float64)),
+            }
+            for b in chosen
+            for name in b.weights
+        }
 
         def record(mode: str, step: int, block: Block, randomised: list[Block]) -> None:
             weights: dict[str, np.ndarray] = {}
@@ -355,7 +367,13 @@ def sanity_check(
         maps=np.asarray(maps),
         threshold=float(threshold),
         measure=measure,
-        settings={"distribution": distribution, "seed": seed, "output": output, "modes": list(modes)},
+        settings={
+            "distribution": distribution,
+            "seed": seed,
+            "output": output,
+            "modes": list(modes),
+            "redrawn_from": drawn,
+        },
     )
 
 
