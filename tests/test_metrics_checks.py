@@ -148,6 +148,10 @@ def test_weight_replacement_errors(cnn):
     clf.gradient(x[:1], 0)  # compiled (or cached) gradient model
     data, _ = clf._compiled[("gradient", None)]
     grad = onnx.load_from_string(data)
+    # the constants the compiler computed from weights: both stride-1 Conv kernels, the BN factors
+    traced = {d.target.split("/")[-1].rsplit("_", 1)[0]: d.sources for d in derivations(clf.onnx_model, grad)}
+    assert sorted(traced) == ["bn_a", "bn_b", "conv_grad_kernel"]
+    assert len(derivations(clf.onnx_model, grad)) == 4
     for init in grad.graph.initializer:
         if init.name == "9.weight":
             init.name = "renamed.weight"
@@ -414,3 +418,16 @@ def test_blocks_take_the_bias_add_and_the_normalisation_after_them():
         ("conv", "Conv", ("cw", "g", "be")),  # running mean and variance are statistics: kept
         ("mm", "MatMul", ("mw", "mb", "ls", "lb")),
     ]
+
+
+def test_step_sensitivity_runs_other_path_methods_per_step_count():
+    model = TanhNet((3, 8, 8), 4, layout="NCHW")
+    x = images(model, n=2)
+    result = step_sensitivity(
+        model, x, method="blur_ig", steps=(3, 6), method_params={"max_sigma": 2.0}, keep_maps=True
+    )
+    for s, n in enumerate((3, 6)):
+        assert np.array_equal(result.maps[s], explain(model, x, "blur_ig", steps=n, max_sigma=2.0))
+    assert result.delta is None and result.scores == {}
+    with pytest.raises(ParameterError, match="steps parameter"):
+        step_sensitivity(model, x, method="saliency")
