@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -297,7 +298,7 @@ class Classifier:
                 )
         return self._sessions[key]
 
-    def with_initializers(self, values) -> Classifier:
+    def with_initializers(self, values: Mapping[str, np.ndarray]) -> Classifier:
         """This classifier with some initializers (weights) replaced: ``{name: array}``, each of the
         original's shape (cast to its dtype). Nothing is recompiled: the same compiled forward and
         gradient graphs run with the new tensor data, and the gradient model's constants computed
