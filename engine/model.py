@@ -8,8 +8,10 @@ Every call is validated before the runtime sees it and split into chunks within 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -93,6 +95,8 @@ class Classifier:
         self._threads = threads
         self._sessions: dict = {}
         self._compiled: dict = {}
+        self._overrides: dict = {}  # initializer name -> replacement (with_initializers)
+        self._derivations: dict = {}  # gradient model sha256 -> engine.initializers.Derivation list
         self.gradient_model_sha256: str | None = None  # of a standalone gradient model, if given
         if gradient_model is not None:
             self._add_gradient_model(gradient_model)
@@ -136,6 +140,11 @@ class Classifier:
     @property
     def path(self) -> Path | None:
         return self._mf.path
+
+    @property
+    def onnx_model(self) -> onnx.ModelProto:
+        """The forward graph this classifier serves (after engine.adapt); do not modify it."""
+        return self._mf.model
 
     @property
     def sha256(self) -> str:
@@ -281,11 +290,54 @@ class Classifier:
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             what = "the gradient model of" if key != "forward" else "the model"
+            if self._overrides:
+                src = self._replace_initializers(src, gradient=key != "forward")
             with _runtime_errors(f"load {what}", self._mf.where):
                 self._sessions[key] = ort.InferenceSession(
                     src, session_options(self._threads), providers=with_options(self._providers_requested)
                 )
         return self._sessions[key]
+
+    def with_initializers(self, values: Mapping[str, np.ndarray]) -> Classifier:
+        """This classifier with some initializers (weights) replaced: ``{name: array}``, each of the
+        original's shape (cast to its dtype). Nothing is recompiled: the same compiled forward and
+        gradient graphs run with the new tensor data, and the gradient model's constants computed
+        from weights (flipped Conv kernels, folded BatchNormalization) are recomputed from them
+        (``engine.initializers``). Replacements stack on this classifier's own. Used by the sanity
+        checks (``engine.metrics.sanity``).
+
+        The data is written into the graphs' initializers before each session is built, rather
+        than given through ``SessionOptions.add_initializer``: onnxruntime 1.31's NCHWc layout
+        pass (optimisation level ALL) reorders a Conv kernel from the graph's own initializer,
+        ignoring the added one (measured: the first Conv of a small CNN kept its old weights)."""
+        from .initializers import check_overrides
+
+        clone = copy.copy(self)
+        clone._sessions = {}  # new sessions over the same compiled models (self._compiled is shared)
+        clone._overrides = {**self._overrides, **check_overrides(self._mf.model, values)}
+        return clone
+
+    @property
+    def replaced_initializers(self) -> tuple[str, ...]:
+        """Names of the initializers ``with_initializers`` replaced (empty for the model as loaded)."""
+        return tuple(sorted(self._overrides))
+
+    def _replace_initializers(self, model_bytes: bytes, gradient: bool) -> bytes:
+        from onnx import numpy_helper
+
+        from .initializers import derivations, gradient_overrides
+
+        model = onnx.load_from_string(model_bytes)
+        values = self._overrides
+        if gradient:
+            digest = hashlib.sha256(model_bytes).hexdigest()
+            if digest not in self._derivations:
+                self._derivations[digest] = derivations(self._mf.model, model)
+            values = gradient_overrides(self._mf.model, model, values, self._derivations[digest])
+        for init in model.graph.initializer:
+            if init.name in values:
+                init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+        return model.SerializeToString()
 
     def _add_gradient_model(self, source) -> None:
         if isinstance(source, onnx.ModelProto):

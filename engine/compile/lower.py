@@ -344,16 +344,23 @@ def conv_grad(node, ctx):
     return _transpose_to_input(ctx, dy, x, w, kernel_eff, strides, dilations, group, begin, out)
 
 
-def _flipped_conv(ctx, dy, w_value, group, pads, dilations, out) -> onnx.NodeProto:
-    """Stride-1 Conv of dY with the flipped, in/out-swapped kernel: the adjoint of a stride-1 Conv."""
+def flipped_kernel(w_value: np.ndarray, group: int) -> np.ndarray:
+    """The flipped, in/out-swapped kernel of a Conv weight (float32): the adjoint's weight.
+    Also used by ``engine.initializers`` to recompute it from replaced weights."""
     n = w_value.ndim - 2
     c_out, c_in_g = w_value.shape[:2]
     wg = w_value.reshape(group, c_out // group, c_in_g, *w_value.shape[2:])
     wt = np.swapaxes(wg, 1, 2).reshape(group * c_in_g, c_out // group, *w_value.shape[2:])
     wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+    return wt.astype(np.float32)
+
+
+def _flipped_conv(ctx, dy, w_value, group, pads, dilations, out) -> onnx.NodeProto:
+    """Stride-1 Conv of dY with the flipped, in/out-swapped kernel: the adjoint of a stride-1 Conv."""
+    n = w_value.ndim - 2
     return make(
         "Conv",
-        [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")],
+        [dy, ctx.const(flipped_kernel(w_value, group), "conv_grad_kernel")],
         [out],
         pads=list(pads),
         dilations=list(dilations),

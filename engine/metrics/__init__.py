@@ -20,6 +20,18 @@ from engine.metrics.base import MetricResult, metric
 
 METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
 
+from engine.metrics.completeness import completeness  # noqa: E402
+from engine.metrics.sanity import model_randomisation, sanity_check  # noqa: E402
+from engine.metrics.stability import max_sensitivity, stability  # noqa: E402
+from engine.metrics.steps import step_sensitivity  # noqa: E402
+
+METRICS.update(
+    completeness=completeness,
+    model_randomisation=model_randomisation,
+    stability=stability,
+    max_sensitivity=max_sensitivity,
+)
+
 
 def metric_parameters(name: str) -> dict[str, Any]:
     """The tunable parameters of a metric and their defaults (the keyword-only ones)."""
@@ -60,4 +72,12 @@ def evaluate(
         return METRICS[metric](model, x, attributions, target, **params)
 
 
-__all__ = ["METRICS", "MetricResult", "evaluate", "metric", "metric_parameters"]
+__all__ = [
+    "METRICS",
+    "MetricResult",
+    "evaluate",
+    "metric",
+    "metric_parameters",
+    "sanity_check",
+    "step_sensitivity",
+]

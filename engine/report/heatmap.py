@@ -13,6 +13,8 @@ import io
 import numpy as np
 from PIL import Image
 
+from engine.postprocess import agi_clip, igos_invert, min_max, pair_grayscale
+
 
 def to_hwc(x: np.ndarray, layout: str) -> np.ndarray:
     """One example (C, H, W) or (H, W, C) as (H, W, C)."""
@@ -23,18 +25,12 @@ def heatmap_2d(attribution: np.ndarray, layout: str, method: str = "") -> np.nda
     """One example's map as (H, W) in [0, 1] with the method's own post-processing."""
     a = to_hwc(np.asarray(attribution, np.float64), layout) if attribution.ndim == 3 else attribution
     if a.ndim == 2:  # already spatial (masks, Grad-CAM upsampled, RISE)
-        s = a
         if method in ("igos", "igos_pp", "mask"):  # a deletion mask: small = important
-            s = s.max() - s
-        lo, hi = float(s.min()), float(s.max())
-        return np.zeros_like(s) if hi <= lo else (s - lo) / (hi - lo)
+            return igos_invert(a)
+        return min_max(a)
     if method == "agi":
-        h = a.mean(axis=-1)
-        q, u = np.percentile(h, 80), np.percentile(h, 99)
-        return np.zeros_like(h) if u <= q else np.clip((h - q) / (u - q), 0, 1)
-    s = np.abs(a).sum(axis=-1)
-    vmax, vmin = np.percentile(s, 99), s.min()
-    return np.zeros_like(s) if vmax <= vmin else np.clip((s - vmin) / (vmax - vmin), 0, 1)
+        return agi_clip(a)
+    return pair_grayscale(a)
 
 
 def colourise(h: np.ndarray, cmap: str = "inferno") -> np.ndarray:
