@@ -26,6 +26,7 @@ from .errors import InputError, ModelFileError, OnnxplainError, RuntimeFailure
 from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
 from .providers import check_providers, default_providers, env_int, session_options, with_options
+from .runtimes import OpenVINOSession, check_runtime
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
 
@@ -34,6 +35,12 @@ def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict, where: str
     """Run ``sess`` with its outputs written straight into the given contiguous numpy views (row
     slices of the caller's result arrays): no per-call output allocation and no copy, which for
     input gradients is a pass over as much memory as the input itself."""
+    if not isinstance(sess, ort.InferenceSession):  # another runtime (engine.runtimes): run, copy
+        with _runtime_errors("run", where, "openvino"):
+            values = sess.run(list(outputs), feeds)
+        for dest, value in zip(outputs.values(), values):
+            dest[...] = value
+        return
     binding = sess.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
@@ -47,8 +54,8 @@ class _runtime_errors:
     """Turn onnxruntime's own exceptions (Fail, InvalidArgument, ... — plain Exceptions from its
     C++ core) into RuntimeFailure with one line saying what was being done."""
 
-    def __init__(self, doing: str, where: str = ""):
-        self.doing, self.where = doing, where
+    def __init__(self, doing: str, where: str = "", runtime: str = "onnxruntime"):
+        self.doing, self.where, self.runtime = doing, where, runtime
 
     def __enter__(self):
         return self
@@ -58,9 +65,12 @@ class _runtime_errors:
             return False
         if not isinstance(e, Exception):
             return False
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        # OpenVINO puts the useful part (the node, the op) on a later line than the first
+        telling = [ln for ln in lines if "While validating" in ln or "failed for" in ln]
+        first = " ".join(telling[:2]) if telling else lines[0]
         prefix = f"{self.where}: " if self.where else ""
-        message = f"{prefix}onnxruntime failed to {self.doing}: {type(e).__name__}: {first}"
+        message = f"{prefix}{self.runtime} failed to {self.doing}: {type(e).__name__}: {first}"
         raise RuntimeFailure(message) from e
 
 
@@ -75,8 +85,10 @@ class Classifier:
         gradient_model=None,
         batch_size=None,
         threads: int | None = None,
+        runtime: str = "onnxruntime",
     ):
         self._mf = mf
+        self.runtime = check_runtime(runtime)
         try:
             self.info = metadata.read(mf.model)
         except ValueError as e:
@@ -290,12 +302,19 @@ class Classifier:
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             what = "the gradient model of" if key != "forward" else "the model"
+            if key != "forward" and self.runtime == "onnxruntime":
+                from .compile.tune import tune_for_onnxruntime
+
+                src = tune_for_onnxruntime(src)  # its NCHWc-tuned rewrites, exact on onnxruntime
             if self._overrides:
                 src = self._replace_initializers(src, gradient=key != "forward")
-            with _runtime_errors(f"load {what}", self._mf.where):
-                self._sessions[key] = ort.InferenceSession(
-                    src, session_options(self._threads), providers=with_options(self._providers_requested)
-                )
+            with _runtime_errors(f"load {what}", self._mf.where, self.runtime):
+                if self.runtime == "openvino":
+                    self._sessions[key] = OpenVINOSession(src, self._threads)
+                else:
+                    self._sessions[key] = ort.InferenceSession(
+                        src, session_options(self._threads), providers=with_options(self._providers_requested)
+                    )
         return self._sessions[key]
 
     def with_initializers(self, values: Mapping[str, np.ndarray]) -> Classifier:
@@ -513,11 +532,13 @@ def load(
     batch_size: int | None = None,
     threads: int | None = None,
     base_dir: str | os.PathLike | None = None,
+    runtime: str = "onnxruntime",
 ) -> Classifier:
     """Load an ONNX classifier. ``gradient_model``: a gradient model written by
     ``onnxplain compile`` (no builder needed then). ``batch_size``: rows per runtime call
     (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes). ``base_dir``: the folder
-    an in-memory model (bytes, ModelProto) reads its external data from; a file uses its own."""
+    an in-memory model (bytes, ModelProto) reads its external data from; a file uses its own.
+    ``runtime``: "onnxruntime" (``providers`` apply) or "openvino" (its CPU plugin)."""
     if isinstance(model, Classifier):
         return model
     return Classifier(
@@ -526,4 +547,5 @@ def load(
         gradient_model=gradient_model,
         batch_size=batch_size,
         threads=threads,
+        runtime=runtime,
     )
