@@ -276,6 +276,8 @@ SMALL_PARAMS = {
     "guided_backprop": {},
     "deconvnet": {},
     "grad_cam": {},
+    "rise": {"n_masks": 200, "cells": 4, "keep_probability": 0.5},
+    "occlusion": {"window": 3, "stride": 2},
 }
 
 

@@ -23,6 +23,8 @@ from engine.methods.grad_cam import grad_cam
 from engine.methods.gradients import deconvnet, gradient_x_input, guided_backprop, saliency
 from engine.methods.guided_ig import guided_ig
 from engine.methods.integrated_gradients import integrated_gradients
+from engine.methods.occlusion import occlusion
+from engine.methods.rise import rise
 from engine.methods.smoothgrad import smoothgrad
 
 METHODS: dict[str, Callable[..., Any]] = {
@@ -36,6 +38,8 @@ METHODS: dict[str, Callable[..., Any]] = {
     "guided_backprop": guided_backprop,
     "deconvnet": deconvnet,
     "grad_cam": grad_cam,
+    "rise": rise,
+    "occlusion": occlusion,
 }
 
 
