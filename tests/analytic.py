@@ -278,6 +278,7 @@ SMALL_PARAMS = {
     "grad_cam": {},
     "rise": {"n_masks": 200, "cells": 4, "keep_probability": 0.5},
     "occlusion": {"window": 3, "stride": 2},
+    "xrai": {"steps": 9, "min_pixel_diff": 1, "segment_resize": None, "dilation_radius": 1},
 }
 
 

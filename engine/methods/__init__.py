@@ -26,6 +26,7 @@ from engine.methods.integrated_gradients import integrated_gradients
 from engine.methods.occlusion import occlusion
 from engine.methods.rise import rise
 from engine.methods.smoothgrad import smoothgrad
+from engine.methods.xrai import xrai
 
 METHODS: dict[str, Callable[..., Any]] = {
     "saliency": saliency,
@@ -40,6 +41,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "grad_cam": grad_cam,
     "rise": rise,
     "occlusion": occlusion,
+    "xrai": xrai,
 }
 
 
