@@ -181,7 +181,10 @@ def rise(
             m1 = min(m0 + per_chunk, n_masks)
             mk = masks[m0:m1] if masks is not None else sampler.masks(m0, m1)
             mb = np.expand_dims(mk, mask_axes)[:, None]  # (b, 1, ...) against (1, n, *input_shape)
-            perturbed = (bg[None] + mb * diff[None]).reshape(-1, *x.shape[1:])
+            perturbed = np.empty((m1 - m0, *xg.shape), dtype=np.float32)
+            np.multiply(mb, diff[None], out=perturbed)  # in place: one chunk-sized buffer only
+            perturbed += bg[None]
+            perturbed = perturbed.reshape(-1, *x.shape[1:])
             logits = model.predict(perturbed)
             del perturbed
             tg = None if target is None else np.tile(target[g0:g1], m1 - m0)
