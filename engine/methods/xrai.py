@@ -120,18 +120,21 @@ def xrai_regions(
     current = np.zeros(shape, dtype=bool)
     trace: list[tuple[np.ndarray, float]] = []
     if algorithm == "full":
-        stack = np.array([m.ravel() for m in masks], dtype=np.float64).reshape(len(masks), -1)
+        # pixel-major membership (P, M): the pixels a step covers are a few rows of it, so the
+        # counts and sums of new pixels are updated from those rows only (PAIR rescans every
+        # mask over the whole image at every step)
+        members = np.array([m.ravel() for m in masks]).reshape(len(masks), -1).T
         flat = attr.astype(np.float64).ravel()
         scale = float(np.abs(flat).max()) if flat.size else 0.0
+        counts = members.sum(axis=0).astype(np.float64)  # new pixels of each mask
+        sums = flat @ members  # their attribution
         active = np.ones(len(masks), dtype=bool)  # PAIR's remaining_masks
         area = 0.0
         while area <= area_threshold:
-            uncovered = ~current
-            counts = stack @ uncovered.ravel()
             active &= counts >= min_pixel_diff  # new pixels only shrink: dropped for good
             if not active.any():
                 break
-            sums = stack @ np.where(uncovered.ravel(), flat, 0.0)
+            uncovered = ~current
             gains = np.where(active, sums / np.maximum(counts, 1.0), -np.inf)
             i = _pick(attr, masks, gains, uncovered, scale)
             added = masks[i] & uncovered
@@ -141,6 +144,9 @@ def xrai_regions(
             area = np.mean(current)
             out[added] = gain
             active[i] = False
+            rows = np.flatnonzero(added.ravel())
+            counts -= members[rows].sum(axis=0)
+            sums -= flat[rows] @ members[rows]
     elif algorithm == "fast":
         own = [_density(attr, m) for m in masks]
         for k in sorted(range(len(masks)), key=lambda k: -own[k]):
