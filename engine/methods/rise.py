@@ -132,7 +132,8 @@ def rise(
     the reference's ``masks.npy``); ``n_masks`` and ``seed`` are then ignored, p1 still divides.
     baseline: what masked-out pixels become — 0.0 (default) multiplies the input by the mask as
     the reference does (it masks the normalised tensor, so 0 is the mean colour there; for a model
-    taking [0, 1] pixels 0 is black), or any ``make_baseline`` name/number/array ("blur", ...).
+    taking [0, 1] pixels 0 is black: pass the normalisation mean, e.g. 0.5, for the reference's
+    colour), or any ``make_baseline`` name/number/array ("blur", ...).
     f: ``output`` of the model on the masked images (the reference's model ends in Softmax:
     "probability"). all_classes: every class at once, as the reference's forward.
     Returns float32 shaped like ``x`` (N_img, *input_shape), the map repeated over the channel
