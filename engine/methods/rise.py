@@ -138,7 +138,8 @@ def rise(
     "probability"). all_classes: every class at once, as the reference's forward.
     Returns float32 shaped like ``x`` (N_img, *input_shape), the map repeated over the channel
     axis (as grad_cam); with ``all_classes`` (N_img, K, H, W), one map per class (the target is
-    then unused). All masks × images go to ``predict`` in chunks of whole runtime batches.
+    then unused; that result alone holds N_img · K · H · W float32). All masks × images go to
+    ``predict`` in chunks of whole runtime batches.
     """
     check_output(output)
     x = check_input(model, x)
