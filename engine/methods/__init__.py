@@ -26,7 +26,10 @@ from engine.methods.igos import igos
 from engine.methods.igos_pp import igos_pp
 from engine.methods.integrated_gradients import integrated_gradients
 from engine.methods.meaningful_perturbation import meaningful_perturbation
+from engine.methods.occlusion import occlusion
+from engine.methods.rise import rise
 from engine.methods.smoothgrad import smoothgrad
+from engine.methods.xrai import xrai
 
 METHODS: dict[str, Callable[..., Any]] = {
     "saliency": saliency,
@@ -42,6 +45,9 @@ METHODS: dict[str, Callable[..., Any]] = {
     "igos": igos,
     "igos_pp": igos_pp,
     "mask": meaningful_perturbation,
+    "rise": rise,
+    "occlusion": occlusion,
+    "xrai": xrai,
 }
 
 

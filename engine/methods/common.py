@@ -112,3 +112,19 @@ def path_gradients(
     rows = points.reshape(p * n, *points.shape[2:]).astype(np.float32, copy=False)
     scores, grads = model.gradient(rows, np.tile(target, p), output=output, rule=rule)
     return np.asarray(scores, dtype=np.float64).reshape(p, n), np.asarray(grads).reshape(points.shape)
+
+
+# Perturbed copies (RISE masks, occlusion windows) are built and sent to ``predict`` in chunks of
+# at most this many input bytes, so memory stays flat however many masks or windows are asked for.
+PERTURBATION_CHUNK_BYTES = 256 * 1024**2
+
+
+def perturbation_chunk_rows(model: ClassifierLike, example_bytes: int) -> int:
+    """Rows of perturbed inputs per ``predict`` call: a whole number of the model's runtime batches
+    (``batch_size``, which the Classifier derives from its memory budget) within
+    ``PERTURBATION_CHUNK_BYTES``; at least one batch, at least one row."""
+    cap = max(1, PERTURBATION_CHUNK_BYTES // max(int(example_bytes), 1))
+    batch = getattr(model, "batch_size", None)
+    if not batch:
+        return cap
+    return int(batch) * max(1, cap // int(batch))
