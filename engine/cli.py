@@ -423,7 +423,16 @@ def _cmd_evaluate(args) -> int:
             for p, d in zip(images, decoded)
         ]
     summary = evaluate_to_dir(
-        clf, x, maps, metrics, sparams, out, targets=targets, images=info, progress=_progress(args)
+        clf,
+        x,
+        maps,
+        metrics,
+        sparams,
+        out,
+        targets=targets,
+        images=info,
+        method_params=mparams,
+        progress=_progress(args),
     )
     if args.json:
         print(json.dumps(summary["metrics"]))

@@ -39,6 +39,22 @@ def metric_parameters(name: str) -> dict[str, Any]:
     return {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
 
 
+def for_method(
+    metric: str, params: dict, method: str, method_params: dict, output: str | None = None
+) -> dict:
+    """A metric's parameters for one method's maps: a metric that re-runs the method (stability,
+    max-sensitivity, the sanity checks) runs the one that made the maps, with its parameters."""
+    takes = metric_parameters(metric)
+    out = dict(params)
+    if "method" in takes and "method" not in out:
+        out["method"] = method
+        if "method_params" in takes and "method_params" not in out:
+            out["method_params"] = dict(method_params)
+    if output is not None and "output" in takes and "output" not in out:
+        out["output"] = output
+    return out
+
+
 def evaluate(
     model: Any,
     x: np.ndarray,
@@ -73,6 +89,7 @@ def evaluate(
 
 
 __all__ = [
+    "for_method",
     "METRICS",
     "MetricResult",
     "evaluate",
