@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fractions": None,
         "reduce": "sum",
         "upsample": "nearest",
-        "auc": "trapezoid",
+        "auc_rule": "trapezoid",
         "auc_dx": None,
         "score": "probability",
         "last_chunk_bug": False,
@@ -51,7 +51,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fractions": None,
         "reduce": "per_channel",
         "upsample": "nearest",
-        "auc": "trapezoid",
+        "auc_rule": "trapezoid",
         "auc_dx": None,
         "score": "probability",
         "last_chunk_bug": False,
@@ -62,7 +62,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fractions": None,
         "reduce": "per_channel",
         "upsample": "nearest",
-        "auc": "mean",
+        "auc_rule": "mean",
         "auc_dx": None,
         "score": "probability",
         "last_chunk_bug": False,
@@ -73,7 +73,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fractions": None,
         "reduce": "sum",
         "upsample": "bilinear",
-        "auc": "right",
+        "auc_rule": "right",
         "auc_dx": None,
         "score": "probability",
         "last_chunk_bug": False,
@@ -84,7 +84,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fractions": np.arange(0, 1.05, 0.05),
         "reduce": "sum",
         "upsample": "nearest",
-        "auc": "trapz_dx",
+        "auc_rule": "trapz_dx",
         "auc_dx": 0.05,
         "score": "probability",
         "last_chunk_bug": False,
@@ -106,7 +106,7 @@ def _check(cfg: dict[str, Any]) -> None:
     checks = [
         ("reduce", common.REDUCTIONS),
         ("upsample", UPSAMPLING),
-        ("auc", AUC_RULES),
+        ("auc_rule", AUC_RULES),
         ("score", common.SCORES),
         ("order", ORDERS),
     ]
@@ -261,7 +261,7 @@ def causal_curves(
         "fractions": fractions,
         "reduce": reduce,
         "upsample": upsample,
-        "auc": auc_rule,
+        "auc_rule": auc_rule,
         "auc_dx": auc_dx,
         "score": score,
         "last_chunk_bug": last_chunk_bug,
@@ -342,12 +342,12 @@ def causal_curves(
                 for name, other in forms.items():
                     if name != cfg["score"]:
                         extra[f"auc_{name}"] = auc(
-                            other, counts, cells, cfg["auc"], cfg["auc_dx"], cfg["last_chunk_bug"]
+                            other, counts, cells, cfg["auc_rule"], cfg["auc_dx"], cfg["last_chunk_bug"]
                         )
                 results.append(
                     MetricResult(
                         metric=mode,
-                        score=auc(main, counts, cells, cfg["auc"], cfg["auc_dx"], cfg["last_chunk_bug"]),
+                        score=auc(main, counts, cells, cfg["auc_rule"], cfg["auc_dx"], cfg["last_chunk_bug"]),
                         higher_is_better=mode == "insertion",
                         target=int(tgt[ni]),
                         curve_x=counts / cells,
