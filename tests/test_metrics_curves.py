@@ -276,6 +276,28 @@ def test_batching_and_chunks_change_no_score(conv, monkeypatch):
         np.testing.assert_allclose(a.curve_y, b.curve_y, rtol=1e-6)
 
 
+def test_layouts_and_reductions_agree(conv):
+    model, x = conv
+    maps = np.random.default_rng(4).normal(size=x.shape)
+    twin = ConvNet("NHWC", size=(12, 12), features=4, num_classes=5, seed=3)  # same weights
+    for preset in ("paper", "rise", "igos", "idgi"):
+        a = causal_curves(model, x, maps, preset=preset, step=None if preset in ("igos", "idgi") else 11)
+        b = causal_curves(
+            twin,
+            x.transpose(0, 2, 3, 1),
+            maps.transpose(0, 2, 3, 1),
+            preset=preset,
+            step=None if preset in ("igos", "idgi") else 11,
+        )
+        for r, t in zip(a, b, strict=True):
+            np.testing.assert_allclose(r.curve_y, t.curve_y, rtol=1e-6)
+    # "paper" on a 3-channel map = any preset's "sum" rule = the summed 2-D map itself
+    summed = causal_curves(model, x, maps.sum(axis=1), preset="rise", step=11)
+    paper = causal_curves(model, x, maps, preset="paper", step=11)
+    for r, t in zip(summed, paper, strict=True):
+        np.testing.assert_array_equal(r.curve_y, t.curve_y)
+
+
 # ------------------------------------------------------------------ PIC vs PAIR saliency
 
 
