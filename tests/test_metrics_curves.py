@@ -338,6 +338,13 @@ def test_pic_matches_pair_saliency(pic_case, monkeypatch, kind):
         model, x, maps, kind, min_pred_value=min_pred, keep_monotonous=kind == "sic", **common_args
     )
     assert model.calls["predict"] == 2  # originals + blurred, then every bokeh image in one chunk
+    one_thread = evaluate(
+        model, x, maps, kind, min_pred_value=min_pred, keep_monotonous=kind == "sic", workers=1, **common_args
+    )
+    for a, b in zip(ours, one_thread, strict=True):
+        np.testing.assert_array_equal(
+            a.curve_y if a.curve_y is not None else [], b.curve_y if b.curve_y is not None else []
+        )
     compared = skipped = 0
     for m in range(2):
         refs = []
@@ -465,6 +472,7 @@ def test_pointing_game_on_known_boxes():
         ("sic", {"thresholds": [0.5, 0.1]}, "thresholds"),
         ("sic", {"information": "psnr"}, "information"),
         ("aic", {"num_data_points": 0}, "num_data_points"),
+        ("sic", {"workers": 0}, "workers"),
         ("pointing_game", {"tolerance": -1, "masks": np.ones((3, 12, 12), bool)}, "tolerance"),
         ("insertion", {"steps": 3}, "steps"),
     ],

@@ -26,7 +26,9 @@ import glob
 import hashlib
 import io
 import os
+import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from typing import Any
@@ -100,12 +102,21 @@ def single_threaded_lapack() -> Iterator[None]:
     if lib is None:
         yield
         return
-    before = lib.scipy_openblas_get_num_threads()
-    lib.scipy_openblas_set_num_threads(1)
+    with _LAPACK_STATE["lock"]:  # re-entrant across threads: the outermost block restores
+        if _LAPACK_STATE["depth"] == 0:
+            _LAPACK_STATE["before"] = lib.scipy_openblas_get_num_threads()
+            lib.scipy_openblas_set_num_threads(1)
+        _LAPACK_STATE["depth"] += 1
     try:
         yield
     finally:
-        lib.scipy_openblas_set_num_threads(before)
+        with _LAPACK_STATE["lock"]:
+            _LAPACK_STATE["depth"] -= 1
+            if _LAPACK_STATE["depth"] == 0:
+                lib.scipy_openblas_set_num_threads(_LAPACK_STATE["before"])
+
+
+_LAPACK_STATE: dict[str, Any] = {"lock": threading.Lock(), "depth": 0, "before": 1}
 
 
 def webp_entropy(image: np.ndarray) -> int:
@@ -145,36 +156,6 @@ def _to_input(model: Any, images: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(x, -1, 1)) if model.layout == "NCHW" else x
 
 
-class _Predictions:
-    """Collects uint8 images, predicts them in chunks of ``rows``; ``values`` after ``flush``."""
-
-    def __init__(self, model: Any, kind: str, rows: int):
-        self.model, self.kind, self.rows = model, kind, rows
-        self.pending: list[np.ndarray] = []
-        self.classes: list[int] = []
-        self.values: list[float] = []
-
-    def add(self, image: np.ndarray, cls: int) -> int:
-        self.pending.append(image)
-        self.classes.append(cls)
-        index = len(self.values) + len(self.pending) - 1
-        if len(self.pending) >= self.rows:
-            self.flush()
-        return index
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        logits = np.asarray(self.model.predict(_to_input(self.model, np.stack(self.pending))))
-        cls = np.asarray(self.classes[len(self.values) :], np.int64)
-        if self.kind == "sic":
-            pred = common.scores_of(logits, cls, "probability")
-        else:
-            pred = (logits.argmax(axis=1) == cls).astype(np.float64)
-        self.values.extend(pred.tolist())
-        self.pending = []
-
-
 def _pic(
     kind: str,
     model: Any,
@@ -192,8 +173,13 @@ def _pic(
     reduce: str,
     information: str,
     ms_ssim_normalise: bool,
+    workers: int | None,
 ) -> list[MetricResult]:
     x = common.check_images(model, x)
+    if workers is not None and (
+        isinstance(workers, bool) or not isinstance(workers, (int, np.integer)) or workers < 1
+    ):
+        raise common.parameter_error("workers", workers, "None or a positive integer")
     t = np.asarray(thresholds, np.float64).reshape(-1)
     if t.size == 0 or not np.isfinite(t).all() or t.min() < 0 or t.max() > 1 or np.any(np.diff(t) < 0):
         raise common.parameter_error("thresholds", thresholds, "ascending fractions in [0, 1]")
@@ -235,7 +221,9 @@ def _pic(
         return float(ms_ssim(pair[:1], pair[1:])[0])
 
     # originals and fully blurred images: one call, for every map at once
-    blurred = [bokeh_image(images[i], rmask[i]) for i in range(n)]
+    pool_size = max(1, int(workers) if workers else min(8, os.cpu_count() or 1))
+    with single_threaded_lapack(), ThreadPoolExecutor(pool_size) as pool:
+        blurred = list(pool.map(lambda i: bokeh_image(images[i], rmask[i]), range(n)))
     logits0 = np.asarray(model.predict(_to_input(model, np.concatenate([images, np.stack(blurred)]))))
     tgt = common.targets(model, x, target, logits0[:n])
     both = np.tile(tgt, 2)
@@ -244,8 +232,9 @@ def _pic(
     else:
         pred0 = (logits0.argmax(axis=1) == both).astype(np.float64)
     p_orig, p_blur = pred0[:n], pred0[n:]
-    e_orig = [info(images[i], images[i]) for i in range(n)]
-    e_blur = [info(blurred[i], images[i]) for i in range(n)]
+    with ThreadPoolExecutor(pool_size) as pool:
+        e_orig = list(pool.map(lambda i: info(images[i], images[i]), range(n)))
+        e_blur = list(pool.map(lambda i: info(blurred[i], images[i]), range(n)))
     skipped: list[str | None] = []
     for i in range(n):  # PAIR's skip rules, in its order
         if p_orig[i] < min_pred_value:
@@ -261,24 +250,44 @@ def _pic(
         else:
             skipped.append(None)
 
-    preds = _Predictions(model, kind, rows)
-    jobs: dict[tuple[int, int], list[tuple[float, int]]] = {}
+    # every distinct reveal mask of an image is one task: bokeh image + information, run on
+    # ``workers`` threads (qhull, LAPACK and libwebp release the GIL), predicted chunk by chunk
+    tasks: list[tuple[int, np.ndarray]] = []
+    jobs: dict[tuple[int, int], list[int]] = {}
     for i in range(n):
         if skipped[i] is not None:
             continue
-        seen: dict[bytes, tuple[float, int]] = {}
+        seen: dict[bytes, int] = {}
         for m in range(n_maps):
             sal = maps[m, i]
             points = []
             for threshold in t:
-                mask = (sal >= np.quantile(sal, 1 - threshold)) | rmask[i]
-                key = hashlib.sha1(np.packbits(mask).tobytes()).digest()
+                packed = np.packbits((sal >= np.quantile(sal, 1 - threshold)) | rmask[i])
+                key = hashlib.sha1(packed.tobytes()).digest()
                 if key not in seen:
-                    img = bokeh_image(images[i], mask)
-                    seen[key] = (info(img, images[i]), preds.add(img, int(tgt[i])))
+                    seen[key] = len(tasks)
+                    tasks.append((i, packed))
                 points.append(seen[key])
             jobs[(m, i)] = points
-    preds.flush()
+
+    def run(task: tuple[int, np.ndarray]) -> tuple[np.ndarray, float]:
+        i, packed = task
+        img = bokeh_image(images[i], np.unpackbits(packed, count=h * w).reshape(h, w).astype(bool))
+        return img, info(img, images[i])
+
+    task_info = np.empty(len(tasks))
+    task_pred = np.empty(len(tasks))
+    with single_threaded_lapack(), ThreadPoolExecutor(pool_size) as pool:
+        for begin in range(0, len(tasks), rows):
+            chunk = tasks[begin : begin + rows]
+            done = list(pool.map(run, chunk))
+            cls = np.asarray([tgt[i] for i, _ in chunk], np.int64)
+            logits = np.asarray(model.predict(_to_input(model, np.stack([img for img, _ in done]))))
+            if kind == "sic":
+                task_pred[begin : begin + len(chunk)] = common.scores_of(logits, cls, "probability")
+            else:
+                task_pred[begin : begin + len(chunk)] = logits.argmax(axis=1) == cls
+            task_info[begin : begin + len(chunk)] = [v for _, v in done]
 
     curve_x = np.append(np.linspace(0.0, 1.0, num_data_points, endpoint=False), 1.0)
     params = {
@@ -294,6 +303,7 @@ def _pic(
         "reduce": reduce,
         "information": information,
         "ms_ssim_normalise": bool(ms_ssim_normalise),
+        "workers": pool_size,
     }
     results = []
     for m in range(n_maps):
@@ -309,8 +319,8 @@ def _pic(
             e_span, p_span = e_orig[i] - e_blur[i], p_orig[i] - p_blur[i]
             best, pts = 0.0, []
             infos, values = [], []
-            for value, index in jobs[(m, i)]:
-                pred = preds.values[index]
+            for index in jobs[(m, i)]:
+                value, pred = float(task_info[index]), float(task_pred[index])
                 if information == "entropy" or ms_ssim_normalise:
                     e = float(np.clip((value - e_blur[i]) / e_span, 0.0, 1.0))
                 else:  # the MS-SSIM reproduction's raw x axis (§6e): neither normalised nor clipped
@@ -391,6 +401,7 @@ def _public(kind: str):
         reduce: str = "abs_of_sum",
         information: str = "entropy",
         ms_ssim_normalise: bool = False,
+        workers: int | None = None,
     ) -> list[MetricResult]:
         return _pic(
             kind,
@@ -408,6 +419,7 @@ def _public(kind: str):
             reduce=reduce,
             information=information,
             ms_ssim_normalise=ms_ssim_normalise,
+            workers=workers,
         )
 
     run.__name__ = run.__qualname__ = kind
@@ -427,8 +439,10 @@ _DOC = """{title} per map and image (PAIR ``compute_pic_metric``; specs/metrics.
     |Σ_c a|, as PAIR's notebook). information: "entropy" (lossless WebP size, PAIR) or "ms_ssim"
     (MS-SSIM of the bokeh image to the original, data_range 1, as the TMLR-IDGI reproduction:
     raw, unless ``ms_ssim_normalise``, which normalises and clips it like the entropy; images must
-    exceed 160 px a side). Skipped images (PAIR raises ComputePicMetricError for them) get score
-    NaN and the reason in ``extra["skipped"]``; ``aggregate_pic`` combines the rest.
+    exceed 160 px a side). workers: threads making bokeh images and their information (None:
+    the CPU count, at most 8; the results do not depend on it). Skipped images (PAIR raises
+    ComputePicMetricError for them) get score NaN and the reason in ``extra["skipped"]``;
+    ``aggregate_pic`` combines the rest.
     """
 
 sic = metric(higher_is_better=True)(_public("sic"))
