@@ -305,8 +305,7 @@ def causal_curves(
         for col in np.flatnonzero(counts >= cells):
             curves[j, :, :, col] = at_end
     interior = np.flatnonzero((counts > 0) & (counts < cells))
-    starts = np.stack([subs[j] if m == "insertion" else x for j, m in enumerate(modes)])
-    finishes = np.stack([x if m == "insertion" else subs[j] for j, m in enumerate(modes)])
+    inserting = np.array([mode == "insertion" for mode in modes])  # moved cells come from x
 
     total = n_modes * n_maps * n * len(interior)
     rows = common.chunk_rows(model, x[0].nbytes * 4, total)
@@ -319,14 +318,16 @@ def causal_curves(
         j, m, i, s = np.unravel_index(flat, (n_modes, n_maps, n, len(interior)))
         k = counts[interior[s]]
         moved = (ranks[m, i] < k[:, None]).reshape(-1, h, w)
-        start, finish = starts[j, i], finishes[j, i]
+        ins = inserting[j].reshape((-1,) + (1,) * (x.ndim - 1))
+        image, sub = x[i], subs[j, i]
         if full or cfgs[0]["upsample"] == "nearest":
             if not full:
                 moved = moved[:, near_r][:, :, near_c]
-            batch = np.where(np.expand_dims(moved, channel_axis), finish, start)
+            batch = np.where(np.expand_dims(moved, channel_axis) == ins, image, sub)
         else:
             weight = np.expand_dims(upsample_bilinear(moved, (h_in, w_in)).astype(np.float32), channel_axis)
-            batch = start * (np.float32(1) - weight) + finish * weight
+            weight = np.where(ins, weight, np.float32(1) - weight)  # the share of x
+            batch = image * weight + sub * (np.float32(1) - weight)
         logits = model.predict(batch)
         curves[j, m, i, interior[s]] = common.scores_of(logits, tgt[i], kind)
 
