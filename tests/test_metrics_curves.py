@@ -298,6 +298,23 @@ def test_layouts_and_reductions_agree(conv):
         np.testing.assert_array_equal(r.curve_y, t.curve_y)
 
 
+def test_memory_stays_flat_as_steps_grow(monkeypatch):
+    import tracemalloc
+
+    model = ConvNet("NCHW", size=(32, 32), features=4, num_classes=5, seed=3)
+    x = np.random.default_rng(5).uniform(0, 1, (3, *model.input_shape)).astype(np.float32)
+    maps = np.random.default_rng(9).normal(size=(2, 3, 32, 32))
+    monkeypatch.setattr(common, "CHUNK_BYTES", 200_000)
+    peaks = {}
+    for step in (200, 2):  # 7 and 513 points per curve: 2 modes x 2 maps x 3 images
+        tracemalloc.start()
+        causal_curves(model, x, maps, step=step)
+        peaks[step] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    all_images = 2 * 2 * 3 * 513 * x[0].nbytes  # 74 MB, had they been materialised
+    assert peaks[2] < 1.2 * peaks[200] and peaks[2] < all_images / 20
+
+
 # ------------------------------------------------------------------ PIC vs PAIR saliency
 
 
