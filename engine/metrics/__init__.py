@@ -17,8 +17,17 @@ import numpy as np
 from engine.checked import check_batch, checked, input_errors
 from engine.errors import InputError, ParameterError
 from engine.metrics.base import MetricResult, metric
+from engine.metrics.causal import deletion, insertion
+from engine.metrics.pic import aic, sic
+from engine.metrics.pointing import pointing_game
 
-METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
+METRICS: dict[str, Callable[..., list[MetricResult]]] = {
+    "insertion": insertion,
+    "deletion": deletion,
+    "sic": sic,
+    "aic": aic,
+    "pointing_game": pointing_game,
+}
 
 from engine.metrics.completeness import completeness  # noqa: E402
 from engine.metrics.sanity import model_randomisation, sanity_check  # noqa: E402
