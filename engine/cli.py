@@ -441,7 +441,10 @@ def _cmd_evaluate(args) -> int:
         print(json.dumps(summary["metrics"]))
         return 0
     for method, row in summary["metrics"].items():
-        print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        print(
+            f"{method}: "
+            + ", ".join(f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in row.items())
+        )
     if out is not None:
         print(f"wrote {printable(out / 'report.html')}")
     return 0

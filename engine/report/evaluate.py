@@ -87,7 +87,7 @@ def evaluate_to_dir(
                 if r.curve_x is not None and r.curve_y is not None:
                     curves[metric][method].append((r.curve_x, r.curve_y))
             arrow = "↑" if METRICS[metric].higher_is_better else "↓"
-            table[method][f"{metric} {arrow}"] = float(np.mean([r.score for r in scored]))
+            table[method][f"{metric} {arrow}"] = _mean([r.score for r in scored])
     if progress:
         progress("evaluated", total, total)
     summary = {
@@ -115,3 +115,9 @@ def evaluate_to_dir(
         page = html.page(f"onnxplain evaluate: {Path(str(clf.path or 'model')).name}", sections)
         atomic_write_bytes(out_dir / "report.html", page.encode())
     return summary
+
+
+def _mean(scores: list[float]) -> float | None:
+    """The mean over the images that have a score (SIC/AIC skip some, score NaN; PAIR's rule)."""
+    finite = [s for s in scores if np.isfinite(s)]
+    return float(np.mean(finite)) if finite else None
