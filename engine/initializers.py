@@ -99,17 +99,23 @@ def find_blocks(model: onnx.ModelProto) -> list[Block]:
     return blocks
 
 
+_SALT = 0x5A4E17  # "sanity"
+
+
 def redraw(
     values: Mapping[str, np.ndarray], block: Block, *, distribution: str = "normal", seed: int = 0
 ) -> dict[str, np.ndarray]:
     """New values for a block's weights, each drawn i.i.d. with the original tensor's mean and
     standard deviation: "normal" N(μ, σ²) or "uniform" U(μ − √3σ, μ + √3σ). A tensor with no
     spread (σ = 0: a zero bias, a unit scale) keeps its value, as a framework's re-initialisation
-    would give it. The generator is ``default_rng([seed, block.index])``: a block's new weights
+    would give it. The generator is ``default_rng([seed, block.index, salt])``: a block's new weights
     are the same in the cascading and the independent runs."""
     if distribution not in DISTRIBUTIONS:
         raise InputError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
-    rng = np.random.default_rng([int(seed), block.index])
+    # The last word is a salt: numpy's SeedSequence ignores trailing zeros, so [seed, 0] would
+    # replay default_rng(seed) — the very stream a model's own weights are often drawn from
+    # (the redrawn weights then correlate with the trained ones and no method fails the check).
+    rng = np.random.default_rng([int(seed), block.index, _SALT])
     out = {}
     for name in block.weights:
         v = np.asarray(values[name])

@@ -201,15 +201,21 @@ def test_audit_metrics_score_each_methods_maps_and_rerun_that_method(setup, tmp_
     paths = expand_paths([photos])
     plan = Plan(
         methods=[("gradient_x_input", {}), ("saliency", {})],
-        metrics=[("completeness", {}), ("max_sensitivity", {"samples": 2})],
+        metrics=[("completeness", {}), ("max_sensitivity", {"samples": 2}), ("model_randomisation", {})],
         output="logit",
         chunk=4,
     )
     with AuditStore(tmp_path / "m.sqlite") as store:
         s = audit(clf, paths, store, plan)
-        assert s.computed == 7 + 14 + 28
+        assert s.computed == 7 + 14 + 42
         x, _ = read_images(paths, clf.input_shape, clf.layout, clf.input_range)
         logits = x.reshape(7, -1) @ w + b
+        from scipy.stats import spearmanr
+
+        from engine.initializers import find_blocks, initializer_values, redraw
+
+        block = find_blocks(clf.onnx_model)[0]
+        w_random = redraw(initializer_values(clf.onnx_model), block, seed=0)["W"]
         by_key = {r.key: r for r in store.results("method", with_data=False)}
         for r in store.results("metric", with_data=False):
             source = by_key[r.source]
@@ -221,3 +227,10 @@ def test_audit_metrics_score_each_methods_maps_and_rerun_that_method(setup, tmp_
                 assert r.record["result"]["params"]["method"] == source.name  # its own method re-run
                 if source.name == "saliency":  # W[:, k]: the same map for any input
                     assert r.score == pytest.approx(0.0, abs=1e-6)
+            if r.name == "model_randomisation":  # the sanity check, on the ONNX weights
+                assert r.record["result"]["params"]["method"] == source.name
+                if source.name == "saliency":  # the logit's saliency is |W[:, k]|, before and after
+                    k = r.target
+                    ha = np.abs(w[:, k]).reshape(3, 16).sum(0)
+                    hb = np.abs(w_random[:, k]).reshape(3, 16).sum(0)
+                    assert r.score == pytest.approx(spearmanr(ha, hb).statistic, abs=1e-9)

@@ -138,7 +138,10 @@ def similarities(
                 pixels_per_cell=hog_pixels_per_cell,
                 cells_per_block=hog_cells_per_block,
             )
-            out["hog"] = pearson(hog_features(a, **kw), hog_features(b, **kw))
+            if min(a.shape[1:]) < hog_pixels_per_cell * hog_cells_per_block:
+                out["hog"] = np.full(len(a), np.nan)  # smaller than one HOG block: not defined
+            else:
+                out["hog"] = pearson(hog_features(a, **kw), hog_features(b, **kw))
     return out
 
 
