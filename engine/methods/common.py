@@ -1,8 +1,10 @@
 """Shared plumbing for the attribution methods: input checks, targets, baselines, blur, batching.
 
-Every method receives a batch ``x`` of shape ``(N, *model.input_shape)`` and hands all the points it
+Every method receives a batch ``x`` of shape ``(N, *model.input_shape)`` and hands the points it
 needs (path points x classes x images) to the model in as few ``gradient`` calls as possible; the
-model (``engine.model.Classifier``) splits big batches to its memory budget itself.
+model (``engine.model.Classifier``) splits big batches to its memory budget itself. Path methods
+stream their points in chunks of the model's batch size (``engine.methods.stream``) so that
+memory does not grow with steps or samples.
 """
 
 from __future__ import annotations
@@ -93,22 +95,3 @@ def output_scores(logits: np.ndarray, target: np.ndarray, output: str) -> np.nda
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return log_p[rows, target] if output == "log_probability" else np.exp(log_p[rows, target])
-
-
-def path_gradients(
-    model: ClassifierLike,
-    points: np.ndarray,
-    target: np.ndarray,
-    output: str,
-    rule: str = "gradient",
-) -> tuple[np.ndarray, np.ndarray]:
-    """One ``gradient`` call for a stack of points (P, N, *s) explaining ``target`` (N,).
-
-    Returns (scores (P, N) float64, gradients (P, N, *s) as the model gives them, float32 for a
-    Classifier); callers accumulate in float64 point by point, so no float64 copy of the whole
-    stack is made.
-    """
-    p, n = points.shape[:2]
-    rows = points.reshape(p * n, *points.shape[2:]).astype(np.float32, copy=False)
-    scores, grads = model.gradient(rows, np.tile(target, p), output=output, rule=rule)
-    return np.asarray(scores, dtype=np.float64).reshape(p, n), np.asarray(grads).reshape(points.shape)
