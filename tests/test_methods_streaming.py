@@ -180,16 +180,40 @@ def test_smoothgrad_is_bit_identical_to_the_stacked_computation(setup, base, mag
     assert np.abs(ref).max() > 0
 
 
-def test_agi_straight_path_is_chunking_independent(setup):
-    """AGI's straight path runs the streamed IG; its steepest phase is per-row already."""
-    model, x, target = setup
-    results = []
-    for batch_size in BATCH_SIZES:
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"eps": 0.2},
+        {"eps": 0.2, "idgi": True},
+        {"eps": 0.2, "accumulate": False},
+        {"eps": 0.2, "path": "straight", "idgi": True},
+        {"double_softmax": True},
+    ],
+)
+def test_agi_pair_groups_are_bit_identical(params):
+    """AGI runs its (image, class) pairs in groups of batch_size // 2 (steepest) or batch_size
+    (straight) pairs. The same maps, bit for bit, as all 4 × 10 pairs in one group (batch_size
+    None: the stacked computation), whose total is the sum of the per-class maps over the slots
+    (10 slots: an order other than slot by slot would show)."""
+    model = RowwiseTanhNet(num_classes=12)
+    x = images(model, 4, seed=2)
+    model.batch_size = None
+    ref, ref_per_class = explain(model, x, "agi", classes=10, max_steps=6, return_per_class=True, **params)
+    model.reset_counts()
+    one_group = explain(model, x, "agi", classes=10, max_steps=6, **params)
+    calls = model.calls["gradient"]
+    assert np.array_equal(one_group, ref)
+    np.testing.assert_allclose(
+        ref, ref_per_class.astype(np.float64).sum(axis=1), rtol=1e-6, atol=1e-6 * abs(ref).max()
+    )
+    for batch_size in (1, 3, 7, 16):
         model.batch_size = batch_size
-        results.append(explain(model, x, "agi", target=target, classes=2, max_steps=4, path="straight"))
-    for r in results[1:]:
-        assert np.array_equal(r, results[0])
-    assert np.abs(results[0]).max() > 0
+        model.reset_counts()
+        got, per_class = explain(model, x, "agi", classes=10, max_steps=6, return_per_class=True, **params)
+        assert np.array_equal(got, ref), (batch_size, np.abs(got - ref).max())
+        assert np.array_equal(per_class, ref_per_class), batch_size
+        assert model.calls["gradient"] > calls  # the pairs really ran in several groups
+    assert np.abs(ref).max() > 0
 
 
 def test_streaming_idgi_equals_idgi_for_any_split():
@@ -255,3 +279,21 @@ def test_ig_peak_memory_does_not_grow_with_steps():
     model.batch_size = None
     s_small, s_large = stacked(64), stacked(1024)
     assert s_large > 8 * s_small, (s_small, s_large)  # what the bound guards against
+
+
+@pytest.mark.parametrize(
+    "method, name, small, large",
+    [("smoothgrad", "samples", 16, 256), ("blur_ig", "steps", 16, 256), ("agi", "classes", 4, 60)],
+)
+def test_peak_memory_does_not_grow_with_samples_steps_or_classes(method, name, small, large):
+    """SmoothGrad samples, Blur IG steps and AGI classes 16× apart: peak memory within 1.5×."""
+    model = LinearSoftmax((3, 32, 32), 64, batch_size=16, layout="NCHW")
+    x = images(model, 2, seed=3)
+    params = {"max_steps": 3} if method == "agi" else {"max_sigma": 3.0} if method == "blur_ig" else {}
+
+    def peak(value):
+        return _peak(lambda: explain(model, x, method, target=[1, 2], **{name: value}, **params))
+
+    peak(2)  # warm-up
+    a, b = peak(small), peak(large)
+    assert b < 1.5 * a, (a, b)
