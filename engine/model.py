@@ -8,8 +8,10 @@ Every call is validated before the runtime sees it and split into chunks within 
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +26,7 @@ from .errors import InputError, ModelFileError, OnnxplainError, RuntimeFailure
 from .modelfile import ModelFile, read_model, read_model_bytes
 from .protocol import OUTPUTS, RULES
 from .providers import check_providers, default_providers, env_int, session_options, with_options
+from .runtimes import OpenVINOSession, check_runtime
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3  # bytes per runtime call (ONNXPLAIN_MEMORY_BUDGET)
 
@@ -32,6 +35,12 @@ def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict, where: str
     """Run ``sess`` with its outputs written straight into the given contiguous numpy views (row
     slices of the caller's result arrays): no per-call output allocation and no copy, which for
     input gradients is a pass over as much memory as the input itself."""
+    if not isinstance(sess, ort.InferenceSession):  # another runtime (engine.runtimes): run, copy
+        with _runtime_errors("run", where, "openvino"):
+            values = sess.run(list(outputs), feeds)
+        for dest, value in zip(outputs.values(), values):
+            dest[...] = value
+        return
     binding = sess.io_binding()
     for name, value in feeds.items():
         binding.bind_cpu_input(name, value)
@@ -45,8 +54,8 @@ class _runtime_errors:
     """Turn onnxruntime's own exceptions (Fail, InvalidArgument, ... — plain Exceptions from its
     C++ core) into RuntimeFailure with one line saying what was being done."""
 
-    def __init__(self, doing: str, where: str = ""):
-        self.doing, self.where = doing, where
+    def __init__(self, doing: str, where: str = "", runtime: str = "onnxruntime"):
+        self.doing, self.where, self.runtime = doing, where, runtime
 
     def __enter__(self):
         return self
@@ -56,9 +65,12 @@ class _runtime_errors:
             return False
         if not isinstance(e, Exception):
             return False
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()] or [type(e).__name__]
+        # OpenVINO puts the useful part (the node, the op) on a later line than the first
+        telling = [ln for ln in lines if "While validating" in ln or "failed for" in ln]
+        first = " ".join(telling[:2]) if telling else lines[0]
         prefix = f"{self.where}: " if self.where else ""
-        message = f"{prefix}onnxruntime failed to {self.doing}: {type(e).__name__}: {first}"
+        message = f"{prefix}{self.runtime} failed to {self.doing}: {type(e).__name__}: {first}"
         raise RuntimeFailure(message) from e
 
 
@@ -73,8 +85,10 @@ class Classifier:
         gradient_model=None,
         batch_size=None,
         threads: int | None = None,
+        runtime: str = "onnxruntime",
     ):
         self._mf = mf
+        self.runtime = check_runtime(runtime)
         try:
             self.info = metadata.read(mf.model)
         except ValueError as e:
@@ -93,6 +107,8 @@ class Classifier:
         self._threads = threads
         self._sessions: dict = {}
         self._compiled: dict = {}
+        self._overrides: dict = {}  # initializer name -> replacement (with_initializers)
+        self._derivations: dict = {}  # gradient model sha256 -> engine.initializers.Derivation list
         self.gradient_model_sha256: str | None = None  # of a standalone gradient model, if given
         if gradient_model is not None:
             self._add_gradient_model(gradient_model)
@@ -136,6 +152,11 @@ class Classifier:
     @property
     def path(self) -> Path | None:
         return self._mf.path
+
+    @property
+    def onnx_model(self) -> onnx.ModelProto:
+        """The forward graph this classifier serves (after engine.adapt); do not modify it."""
+        return self._mf.model
 
     @property
     def sha256(self) -> str:
@@ -281,11 +302,61 @@ class Classifier:
         if key not in self._sessions:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             what = "the gradient model of" if key != "forward" else "the model"
-            with _runtime_errors(f"load {what}", self._mf.where):
-                self._sessions[key] = ort.InferenceSession(
-                    src, session_options(self._threads), providers=with_options(self._providers_requested)
-                )
+            if key != "forward" and self.runtime == "onnxruntime":
+                from .compile.tune import tune_for_onnxruntime
+
+                src = tune_for_onnxruntime(src)  # its NCHWc-tuned rewrites, exact on onnxruntime
+            if self._overrides:
+                src = self._replace_initializers(src, gradient=key != "forward")
+            with _runtime_errors(f"load {what}", self._mf.where, self.runtime):
+                if self.runtime == "openvino":
+                    self._sessions[key] = OpenVINOSession(src, self._threads)
+                else:
+                    self._sessions[key] = ort.InferenceSession(
+                        src, session_options(self._threads), providers=with_options(self._providers_requested)
+                    )
         return self._sessions[key]
+
+    def with_initializers(self, values: Mapping[str, np.ndarray]) -> Classifier:
+        """This classifier with some initializers (weights) replaced: ``{name: array}``, each of the
+        original's shape (cast to its dtype). Nothing is recompiled: the same compiled forward and
+        gradient graphs run with the new tensor data, and the gradient model's constants computed
+        from weights (flipped Conv kernels, folded BatchNormalization) are recomputed from them
+        (``engine.initializers``). Replacements stack on this classifier's own. Used by the sanity
+        checks (``engine.metrics.sanity``).
+
+        The data is written into the graphs' initializers before each session is built, rather
+        than given through ``SessionOptions.add_initializer``: onnxruntime 1.31's NCHWc layout
+        pass (optimisation level ALL) reorders a Conv kernel from the graph's own initializer,
+        ignoring the added one (measured: the first Conv of a small CNN kept its old weights)."""
+        from .initializers import check_overrides
+
+        clone = copy.copy(self)
+        clone._sessions = {}  # new sessions over the same compiled models (self._compiled is shared)
+        clone._overrides = {**self._overrides, **check_overrides(self._mf.model, values)}
+        return clone
+
+    @property
+    def replaced_initializers(self) -> tuple[str, ...]:
+        """Names of the initializers ``with_initializers`` replaced (empty for the model as loaded)."""
+        return tuple(sorted(self._overrides))
+
+    def _replace_initializers(self, model_bytes: bytes, gradient: bool) -> bytes:
+        from onnx import numpy_helper
+
+        from .initializers import derivations, gradient_overrides
+
+        model = onnx.load_from_string(model_bytes)
+        values = self._overrides
+        if gradient:
+            digest = hashlib.sha256(model_bytes).hexdigest()
+            if digest not in self._derivations:
+                self._derivations[digest] = derivations(self._mf.model, model)
+            values = gradient_overrides(self._mf.model, model, values, self._derivations[digest])
+        for init in model.graph.initializer:
+            if init.name in values:
+                init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
+        return model.SerializeToString()
 
     def _add_gradient_model(self, source) -> None:
         if isinstance(source, onnx.ModelProto):
@@ -461,11 +532,13 @@ def load(
     batch_size: int | None = None,
     threads: int | None = None,
     base_dir: str | os.PathLike | None = None,
+    runtime: str = "onnxruntime",
 ) -> Classifier:
     """Load an ONNX classifier. ``gradient_model``: a gradient model written by
     ``onnxplain compile`` (no builder needed then). ``batch_size``: rows per runtime call
     (default: from a memory budget, ONNXPLAIN_MEMORY_BUDGET bytes). ``base_dir``: the folder
-    an in-memory model (bytes, ModelProto) reads its external data from; a file uses its own."""
+    an in-memory model (bytes, ModelProto) reads its external data from; a file uses its own.
+    ``runtime``: "onnxruntime" (``providers`` apply) or "openvino" (its CPU plugin)."""
     if isinstance(model, Classifier):
         return model
     return Classifier(
@@ -474,4 +547,5 @@ def load(
         gradient_model=gradient_model,
         batch_size=batch_size,
         threads=threads,
+        runtime=runtime,
     )

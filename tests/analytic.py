@@ -276,6 +276,12 @@ SMALL_PARAMS = {
     "guided_backprop": {},
     "deconvnet": {},
     "grad_cam": {},
+    "igos": {"mask_size": 4, "iterations": 3, "points": 4, "blur_kernel": 5, "blur_sigma": 2.0},
+    "igos_pp": {"mask_size": 4, "iterations": 3, "points": 4, "blur_kernel": 5, "blur_sigma": 2.0},
+    "mask": {"mask_size": 4, "iterations": 5, "median_kernel": 3},
+    "rise": {"n_masks": 200, "cells": 4, "keep_probability": 0.5},
+    "occlusion": {"window": 3, "stride": 2},
+    "xrai": {"steps": 9, "min_pixel_diff": 1, "segment_resize": None, "dilation_radius": 1},
 }
 
 

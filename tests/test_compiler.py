@@ -11,6 +11,7 @@ import engine
 from engine.compile import compile_to_file
 from engine.compile.builder import BuilderError
 from engine.compile.prepass import UnsupportedModelError
+from engine.compile.tune import tune_for_onnxruntime  # what an onnxruntime session runs
 from engine.model import InputError
 from engine.modelfile import ModelFileError
 from tests.gradcheck import check_module, export, relative_error, torch_gradient
@@ -322,7 +323,7 @@ def test_conv_masks_are_exact_at_the_clip_bounds(tmp_path):
     _, grads = clf.gradient(x, 1)
     _, ref = torch_gradient(module, x, np.array([1]))
     np.testing.assert_array_equal(grads, ref)
-    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    model = onnx.load_from_string(tune_for_onnxruntime(clf._compiled[("gradient", None)][0]))
     assert [i.version for i in model.opset_import if i.domain == ""] == [13]
     assert sum(n.op_type == "Conv" for n in model.graph.node) == 2  # the two mask factors
 
@@ -355,7 +356,7 @@ def test_two_sided_masks_are_exact_at_both_bounds(lo, hi, tmp_path):
     _, grads = clf.gradient(x, 2)
     _, ref = torch_gradient(module, x, np.array([2]))
     np.testing.assert_array_equal(grads, ref)
-    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    model = onnx.load_from_string(tune_for_onnxruntime(clf._compiled[("gradient", None)][0]))
     assert sum(n.op_type == "HardSigmoid" for n in model.graph.node) == 1
 
 
@@ -410,12 +411,12 @@ def test_an_indicator_in_the_forward_graph_keeps_the_exact_mask_form(tmp_path):
 def test_opset_stays_where_an_op_changed_meaning(zoo_onnx):
     clf = engine.load(zoo_onnx("tiny_vit_erf"), providers=CPU)
     clf.gradient(np.zeros((1, *clf.input_shape), np.float32), 0)
-    model = onnx.load_from_string(clf._compiled[("gradient", None)][0])
+    model = onnx.load_from_string(tune_for_onnxruntime(clf._compiled[("gradient", None)][0]))
     assert [i.version for i in model.opset_import if i.domain == ""] != [13]
 
 
 def _lowered_graph(clf) -> onnx.GraphProto:
-    return onnx.load_from_string(clf._compiled[("gradient", None)][0]).graph
+    return onnx.load_from_string(tune_for_onnxruntime(clf._compiled[("gradient", None)][0])).graph
 
 
 @pytest.mark.parametrize("size,tall", [(12, True), (40, False)])
@@ -452,3 +453,24 @@ def test_pooled_gradient_broadcast_is_an_upsample(tmp_path):
     clf, _ = check_module(module, (3, 7, 9), tmp_path)
     pool_grad = [n.op_type for n in _lowered_graph(clf).node if "GlobalAveragePool_Grad" in n.name]
     assert "Resize" in pool_grad and "Expand" not in pool_grad
+
+
+def test_self_check_tolerance_grows_with_the_graph_like_float32_rounding(cnn_path):
+    from onnx import helper
+
+    from engine.compile import compile_model
+    from engine.compile.selfcheck import FLOOR, tolerance
+
+    def chain(n):
+        nodes = [helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(n)]
+        return helper.make_model(helper.make_graph(nodes, "g", [], []))
+
+    eps = float(np.finfo(np.float32).eps)
+    assert tolerance(chain(4)) == FLOOR
+    assert tolerance(chain(10_000)) == pytest.approx(4 * eps * 100)
+    assert tolerance(chain(40_000)) == pytest.approx(2 * tolerance(chain(10_000)))
+    _, info = compile_model(cnn_path)
+    check = info.self_check
+    assert check["status"] == "passed" and check["tolerance"] >= FLOOR
+    g = check[info.input_gradient]
+    assert g["max_abs_error"] <= check["tolerance"] * g["scale"]

@@ -152,7 +152,8 @@ def test_compare_float_against_int8(models, tmp_path, capsys):
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (20, 18, 3), np.uint8)).save(photos / f"p{i}.png")
     out = tmp_path / "cmp"
-    args = ["compare", str(float_path), str(int8_path), str(photos), "-m", "saliency", "-o", str(out)]
+    args = ["compare", str(float_path), str(int8_path), str(photos), "-m", "saliency", "-m", "occlusion"]
+    args += ["--param", "occlusion.window=4", "--param", "occlusion.stride=4", "-o", str(out)]
     assert main([*args, "--json", "--output", "logit"]) == 0
     result = json.loads(capsys.readouterr().out)
     from engine.images import expand_paths, read_images
@@ -162,5 +163,15 @@ def test_compare_float_against_int8(models, tmp_path, capsys):
     agree = result["models_agree"]
     assert agree["max_abs_logit_diff"] == pytest.approx(np.abs(za - zb).max(), rel=1e-5)
     assert 0 < agree["max_abs_logit_diff"] < 0.1 * np.abs(za).max()  # int8 is close, not equal
-    rows = result["methods"]["saliency"]["per_image"]
-    assert len(rows) == 3 and all(0.5 < r["spearman"] < 1.0 for r in rows)
+    from scipy.stats import spearmanr
+
+    a, b = engine.load(float_path), engine.load(int8_path)
+    for method, kw in (("saliency", {}), ("occlusion", {"window": 4, "stride": 4})):
+        rows = result["methods"][method]["per_image"]  # a gradient method and a forward-only one
+        ma = engine.explain(a, x, method, target=agree["top1_a"], output="logit", **kw)
+        mb = engine.explain(b, x, method, target=agree["top1_a"], output="logit", **kw)
+        for i, row in enumerate(rows):
+            ha, hb = np.abs(ma[i]).sum(0).ravel(), np.abs(mb[i]).sum(0).ravel()
+            assert row["spearman"] == pytest.approx(spearmanr(ha, hb).statistic, abs=1e-6)
+        assert all(r["spearman"] < 1.0 for r in rows)  # int8 moves the explanations
+    assert (out / "report.html").exists()

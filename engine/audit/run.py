@@ -170,7 +170,7 @@ def _chunk_keys(model_sha, images, chunk_id, plan, methods, metrics) -> _Keys:
 def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan, store: AuditStore) -> int:
     from ..methods import explain
     from ..methods.common import output_scores, resolve_target
-    from ..metrics import evaluate
+    from ..metrics import evaluate, for_method
 
     written = 0
     labels = clf.labels or []
@@ -241,7 +241,9 @@ def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan,
             if not any(k in missing for k in skeys):
                 continue
             t0 = time.perf_counter()
-            results = evaluate(clf, x, maps, metric, target=targets, **mgiven)
+            results = evaluate(
+                clf, x, maps, metric, target=targets, **for_method(metric, mgiven, name, given, plan.output)
+            )
             seconds = (time.perf_counter() - t0) / len(x)
             for j, key in enumerate(skeys):
                 if key in missing:

@@ -7,6 +7,7 @@ See design/ARCHITECTURE.md and design/lowering.md.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from dataclasses import asdict, dataclass, field
@@ -26,12 +27,12 @@ from .graph import (
     topological_sort,
 )
 from .lower import LoweringError, lower
-from .optimize import conv_masks, lower_opset_to_13, upsample_broadcasts
+from .optimize import lower_opset_to_13
 from .prepass import UnsupportedModelError, prepass
 from .scratch import scratch_dir
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "7"  # 7: quantization pairs through a straight-through estimator
+COMPILER_VERSION = "8"  # 8: portable graph, onnxruntime rewrites at load (7: QDQ straight-through)
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -64,17 +65,26 @@ class CompiledInfo:
     lowered_ops: list[str] = field(default_factory=list)
     self_check: dict = field(default_factory=dict)
     versions: dict = field(default_factory=dict)
+    # Rewrites tuned for one runtime, applied where that runtime loads the graph ({} in the
+    # portable graph that compile writes; e.g. {"runtime": "onnxruntime", "conv_masks": 49}).
+    tuned: dict = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> CompiledInfo | None:
         for p in model.metadata_props:
             if p.key == GRADIENT_META:
-                return cls(**json.loads(p.value))
+                fields = {f.name for f in dataclasses.fields(cls)}
+                # keys this version does not know (a newer compiler's) are ignored
+                return cls(**{k: v for k, v in json.loads(p.value).items() if k in fields})
         return None
 
 
 def compile_model(
-    source, *, rule: str = "gradient", layer: str | None = None, self_check: bool = True
+    source,
+    *,
+    rule: str = "gradient",
+    layer: str | None = None,
+    self_check: bool = True,
 ) -> tuple[onnx.ModelProto, CompiledInfo]:
     """Build the lowered gradient model of a classifier (no cache; see engine.compile.cache).
 
@@ -106,8 +116,6 @@ def compile_model(
         raise LoweringError(f"{where}: {e}") from e
     if qdq_pairs:
         lowered_ops.append("QuantizeLinear+DequantizeLinear (straight-through)")
-    conv_masks(built, full_shapes)
-    upsample_broadcasts(built, full_shapes, opset_version(built))
     info = CompiledInfo(
         rule=rule,
         input=mf.input_name,

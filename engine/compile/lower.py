@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import LoweringError
 from .graph import GraphContext, attrs
@@ -344,16 +344,23 @@ def conv_grad(node, ctx):
     return _transpose_to_input(ctx, dy, x, w, kernel_eff, strides, dilations, group, begin, out)
 
 
-def _flipped_conv(ctx, dy, w_value, group, pads, dilations, out) -> onnx.NodeProto:
-    """Stride-1 Conv of dY with the flipped, in/out-swapped kernel: the adjoint of a stride-1 Conv."""
+def flipped_kernel(w_value: np.ndarray, group: int) -> np.ndarray:
+    """The flipped, in/out-swapped kernel of a Conv weight (float32): the adjoint's weight.
+    Also used by ``engine.initializers`` to recompute it from replaced weights."""
     n = w_value.ndim - 2
     c_out, c_in_g = w_value.shape[:2]
     wg = w_value.reshape(group, c_out // group, c_in_g, *w_value.shape[2:])
     wt = np.swapaxes(wg, 1, 2).reshape(group * c_in_g, c_out // group, *w_value.shape[2:])
     wt = np.ascontiguousarray(wt[(slice(None), slice(None)) + (slice(None, None, -1),) * n])
+    return wt.astype(np.float32)
+
+
+def _flipped_conv(ctx, dy, w_value, group, pads, dilations, out) -> onnx.NodeProto:
+    """Stride-1 Conv of dY with the flipped, in/out-swapped kernel: the adjoint of a stride-1 Conv."""
+    n = w_value.ndim - 2
     return make(
         "Conv",
-        [dy, ctx.const(wt.astype(np.float32), "conv_grad_kernel")],
+        [dy, ctx.const(flipped_kernel(w_value, group), "conv_grad_kernel")],
         [out],
         pads=list(pads),
         dilations=list(dilations),
@@ -629,8 +636,16 @@ def slice_grad(node, ctx):
 @lowering("BroadcastGradientArgs")
 def broadcast_gradient_args(node, ctx):
     """Axes each operand was broadcast along: pad shapes with 1s to a common rank, then
-    axes = NonZero(A' == 1 and B' != 1)."""
+    axes = NonZero(A' == 1 and B' != 1). Constant axes when the shapes decide them at compile
+    time (a runtime such as OpenVINO needs reduction axes of static length)."""
     a_shape, b_shape = node.input
+    static = _static_broadcast_axes(ctx, a_shape, b_shape)
+    if static is not None:
+        return [
+            make("Constant", [], [out], value=numpy_helper.from_array(np.array(axes, np.int64)))
+            for out, axes in zip(node.output, static)
+            if out
+        ]
     n = ctx.fresh
     ra, rb, r = n("rank_a"), n("rank_b"), n("rank")
     nodes = [make("Shape", [a_shape], [ra]), make("Shape", [b_shape], [rb]), make("Max", [ra, rb], [r])]
@@ -659,6 +674,36 @@ def broadcast_gradient_args(node, ctx):
             make("Reshape", [nz, ctx.const(np.array([-1], np.int64))], [out]),
         ]
     return nodes
+
+
+def _static_broadcast_axes(ctx, a_shape: str, b_shape: str) -> tuple[list[int], list[int]] | None:
+    """The axes of BroadcastGradientArgs from the static shapes of the tensors whose Shape it reads,
+    or None when a symbolic dim leaves them open. An axis of size 1 against a symbolic dim is
+    reduced: if the symbol is 1 at run time, summing over a size-1 axis changes nothing."""
+    dims = []
+    for name in (a_shape, b_shape):
+        shape_node = ctx.producers.get(name)
+        if shape_node is None or shape_node.op_type != "Shape":
+            return None
+        d = ctx.shapes.get(shape_node.input[0])
+        if d is None:
+            return None
+        a = attrs(shape_node)  # Shape(start, end) slices the dims (opset 15)
+        end = a.get("end")
+        dims.append(list(d)[a.get("start", 0) : (len(d) if end is None else end)])
+    r = max(len(dims[0]), len(dims[1]))
+    da, db = ([1] * (r - len(d)) + d for d in dims)
+    axes: tuple[list[int], list[int]] = ([], [])
+    for i, (x, y) in enumerate(zip(da, db)):
+        if x == y:  # equal ints or the same symbol: no broadcast
+            continue
+        if x == 1 or y == 1:
+            axes[0 if x == 1 else 1].append(i)
+        elif isinstance(x, int) and isinstance(y, int):
+            return None  # incompatible: leave it to the runtime's own error
+        else:
+            return None  # a symbol against another dim: decided only at run time
+    return axes
 
 
 @lowering("LayerNormalizationGrad")

@@ -127,6 +127,15 @@ def _isolate_input(m: onnx.ModelProto, input_name: str) -> None:
     m.graph.node.insert(0, helper.make_node("Identity", [input_name], [alias], name=alias))
 
 
+def batchnorm_factors(gamma, beta, mean, var, eps: float) -> tuple[np.ndarray, np.ndarray]:
+    """Eval-mode BatchNormalization as y = a·x + b: (a, b) float32, computed in float64. Also
+    used by ``engine.initializers`` to recompute them from replaced weights."""
+    gamma, beta, mu, sigma2 = (np.asarray(v, np.float64) for v in (gamma, beta, mean, var))
+    a = gamma / np.sqrt(sigma2 + eps)
+    b = beta - mu * a
+    return a.astype(np.float32), b.astype(np.float32)
+
+
 def _batchnorm(node, ctx, where):
     """Eval-mode BatchNormalization -> Mul/Add with the running statistics (no gradient builder)."""
     x, scale, bias, mean, var = node.input[:5]
@@ -141,10 +150,7 @@ def _batchnorm(node, ctx, where):
             f"{where}: node {node.name!r} (BatchNormalization) is in "
             "training mode; export the model in eval mode"
         )
-    gamma, beta, mu, sigma2 = (v.astype(np.float64) for v in values)
-    eps = attrs(node).get("epsilon", 1e-5)
-    a = gamma / np.sqrt(sigma2 + eps)
-    b = beta - mu * a
+    a, b = batchnorm_factors(*values, attrs(node).get("epsilon", 1e-5))
     rank = ctx.rank(x)
     if rank is None:
         raise UnsupportedModelError(f"{where}: node {node.name!r}: rank of {x!r} unknown")
@@ -153,13 +159,13 @@ def _batchnorm(node, ctx, where):
     return [
         helper.make_node(
             "Mul",
-            [x, ctx.const(a.astype(np.float32).reshape(bshape), "bn_a")],
+            [x, ctx.const(a.reshape(bshape), "bn_a")],
             [scaled],
             name=node.name + "/mul",
         ),
         helper.make_node(
             "Add",
-            [scaled, ctx.const(b.astype(np.float32).reshape(bshape), "bn_b")],
+            [scaled, ctx.const(b.reshape(bshape), "bn_b")],
             [node.output[0]],
             name=node.name + "/add",
         ),

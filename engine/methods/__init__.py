@@ -22,8 +22,14 @@ from engine.methods.common import Target, check_input, check_output
 from engine.methods.grad_cam import grad_cam
 from engine.methods.gradients import deconvnet, gradient_x_input, guided_backprop, saliency
 from engine.methods.guided_ig import guided_ig
+from engine.methods.igos import igos
+from engine.methods.igos_pp import igos_pp
 from engine.methods.integrated_gradients import integrated_gradients
+from engine.methods.meaningful_perturbation import meaningful_perturbation
+from engine.methods.occlusion import occlusion
+from engine.methods.rise import rise
 from engine.methods.smoothgrad import smoothgrad
+from engine.methods.xrai import xrai
 
 METHODS: dict[str, Callable[..., Any]] = {
     "saliency": saliency,
@@ -36,6 +42,12 @@ METHODS: dict[str, Callable[..., Any]] = {
     "guided_backprop": guided_backprop,
     "deconvnet": deconvnet,
     "grad_cam": grad_cam,
+    "igos": igos,
+    "igos_pp": igos_pp,
+    "mask": meaningful_perturbation,
+    "rise": rise,
+    "occlusion": occlusion,
+    "xrai": xrai,
 }
 
 
@@ -60,8 +72,8 @@ def explain(
     (loaded with ``engine.model.load``). target: None (top-1 prediction), a class id, or one id
     per image. output: "probability" (softmax), "logit" or "log_probability" — the explained score.
     params: the method's own parameters (``method_parameters(method)``); an unknown name raises
-    TypeError. ``return_delta`` (integrated_gradients) and ``return_per_class`` (agi) make the
-    result a tuple (map, extra).
+    TypeError. ``return_delta`` (integrated_gradients), ``return_per_class`` (agi) and
+    ``return_details`` (igos, igos_pp, mask) make the result a tuple (map, extra).
     """
     if method not in METHODS:
         raise InputError(f"unknown method {method!r}; known: {', '.join(METHODS)}")

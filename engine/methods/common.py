@@ -95,3 +95,40 @@ def output_scores(logits: np.ndarray, target: np.ndarray, output: str) -> np.nda
     z = z - z.max(axis=1, keepdims=True)
     log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
     return log_p[rows, target] if output == "log_probability" else np.exp(log_p[rows, target])
+
+
+def path_gradients(
+    model: ClassifierLike,
+    points: np.ndarray,
+    target: np.ndarray,
+    output: str,
+    rule: str = "gradient",
+) -> tuple[np.ndarray, np.ndarray]:
+    """One ``gradient`` call for a stack of points (P, N, *s) explaining ``target`` (N,). The
+    methods stream instead (``engine.methods.stream``); the step-sensitivity metric sends its
+    pooled points through this a chunk at a time.
+
+    Returns (scores (P, N) float64, gradients (P, N, *s) as the model gives them, float32 for a
+    Classifier); callers accumulate in float64 point by point, so no float64 copy of the whole
+    stack is made.
+    """
+    p, n = points.shape[:2]
+    rows = points.reshape(p * n, *points.shape[2:]).astype(np.float32, copy=False)
+    scores, grads = model.gradient(rows, np.tile(target, p), output=output, rule=rule)
+    return np.asarray(scores, dtype=np.float64).reshape(p, n), np.asarray(grads).reshape(points.shape)
+
+
+# Perturbed copies (RISE masks, occlusion windows) are built and sent to ``predict`` in chunks of
+# at most this many input bytes, so memory stays flat however many masks or windows are asked for.
+PERTURBATION_CHUNK_BYTES = 256 * 1024**2
+
+
+def perturbation_chunk_rows(model: ClassifierLike, example_bytes: int) -> int:
+    """Rows of perturbed inputs per ``predict`` call: a whole number of the model's runtime batches
+    (``batch_size``, which the Classifier derives from its memory budget) within
+    ``PERTURBATION_CHUNK_BYTES``; at least one batch, at least one row."""
+    cap = max(1, PERTURBATION_CHUNK_BYTES // max(int(example_bytes), 1))
+    batch = getattr(model, "batch_size", None)
+    if not batch:
+        return cap
+    return int(batch) * max(1, cap // int(batch))

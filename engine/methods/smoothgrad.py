@@ -52,7 +52,7 @@ def smoothgrad(
 
     x, target = prepare(model, x, target, output)
     params = dict(base_params or {})
-    for key in ("target", "output", "return_delta", "return_per_class"):
+    for key in ("target", "output", "return_delta", "return_per_class", "return_details"):
         if params.get(key):
             raise ValueError(f"base_params may not set {key!r}")
         params.pop(key, None)

@@ -57,10 +57,13 @@ def evaluate_to_dir(
     *,
     targets: np.ndarray,
     images: list[dict],
+    method_params: dict[str, dict] | None = None,
     progress=None,
 ) -> dict:
     """Score every method's maps with every metric; write the outputs when ``out_dir`` is given."""
-    from ..metrics import METRICS, evaluate, metric_parameters
+    from ..metrics import METRICS, evaluate, for_method, metric_parameters
+
+    method_params = method_params or {}
 
     results: list[dict] = []
     table: dict[str, dict[str, float]] = defaultdict(dict)
@@ -74,7 +77,8 @@ def evaluate_to_dir(
                 progress(f"{metric} of {method}", steps, total)
             steps += 1
             start = time.perf_counter()
-            scored = evaluate(clf, x, m, metric, target=targets, **params.get(metric, {}))
+            given = for_method(metric, params.get(metric, {}), method, method_params.get(method, {}))
+            scored = evaluate(clf, x, m, metric, target=targets, **given)
             seconds[f"{metric} / {method}"] = time.perf_counter() - start
             for i, r in enumerate(scored):
                 d = r.to_dict()

@@ -3,7 +3,8 @@
 The 2-D reduction and scaling follow each method's own post-processing (docs/metrics.md §
 post-processing): PAIR's grayscale visualisation (Σ|channels|, 99th percentile) by default, AGI's
 80th/99th percentile clip of the channel mean for AGI, the inverted mask for I-GOS-family masks.
-``scale="shared"`` puts every method of one image on one colour scale.
+``shared_scale`` puts several maps (every image of one method, or both models of a compare) on
+one colour scale, so their brightness can be compared.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import io
 
 import numpy as np
 from PIL import Image
+
+from engine.postprocess import agi_clip, igos_invert, min_max, pair_grayscale, reduce_channels
+
+SCALES = ("own", "shared")
 
 
 def to_hwc(x: np.ndarray, layout: str) -> np.ndarray:
@@ -23,18 +28,26 @@ def heatmap_2d(attribution: np.ndarray, layout: str, method: str = "") -> np.nda
     """One example's map as (H, W) in [0, 1] with the method's own post-processing."""
     a = to_hwc(np.asarray(attribution, np.float64), layout) if attribution.ndim == 3 else attribution
     if a.ndim == 2:  # already spatial (masks, Grad-CAM upsampled, RISE)
-        s = a
         if method in ("igos", "igos_pp", "mask"):  # a deletion mask: small = important
-            s = s.max() - s
-        lo, hi = float(s.min()), float(s.max())
-        return np.zeros_like(s) if hi <= lo else (s - lo) / (hi - lo)
+            return igos_invert(a)
+        return min_max(a)
     if method == "agi":
-        h = a.mean(axis=-1)
-        q, u = np.percentile(h, 80), np.percentile(h, 99)
-        return np.zeros_like(h) if u <= q else np.clip((h - q) / (u - q), 0, 1)
-    s = np.abs(a).sum(axis=-1)
-    vmax, vmin = np.percentile(s, 99), s.min()
-    return np.zeros_like(s) if vmax <= vmin else np.clip((s - vmin) / (vmax - vmin), 0, 1)
+        return agi_clip(a)
+    return pair_grayscale(a)
+
+
+def shared_scale(attributions, layout: str, percentile: float = 99) -> list[np.ndarray]:
+    """Σ|channels| of each map, all divided by one number — the ``percentile``-th percentile of
+    every pixel of every map pooled — and clipped to [0, 1] (PAIR's grayscale visualisation with
+    one vmax for the group, and vmin 0 so that zero attribution is dark everywhere)."""
+    planes = [
+        reduce_channels(to_hwc(np.asarray(a, np.float64), layout) if np.ndim(a) == 3 else a, "abs_sum")
+        for a in attributions
+    ]
+    vmax = float(np.percentile(np.concatenate([p.ravel() for p in planes]), percentile)) if planes else 0.0
+    if vmax <= 0:
+        return [np.zeros_like(p) for p in planes]
+    return [np.clip(p / vmax, 0, 1) for p in planes]
 
 
 def colourise(h: np.ndarray, cmap: str = "inferno") -> np.ndarray:
@@ -86,4 +99,4 @@ def render(
     return png_bytes(overlay(image, h), scale)
 
 
-__all__ = ["heatmap_2d", "colourise", "overlay", "png_bytes", "render", "to_hwc"]
+__all__ = ["heatmap_2d", "colourise", "overlay", "png_bytes", "render", "shared_scale", "to_hwc"]
