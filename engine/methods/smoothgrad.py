@@ -16,6 +16,14 @@ NOISE_RANGES = ("image", "input_range")
 # chunk by chunk, they must continue one generator to draw what one call on all copies would.
 # (AGI's seed draws one class permutation per call, the same for every chunk: it keeps the int.)
 ROW_SEEDED = ("integrated_gradients", "guided_ig", "smoothgrad")
+# Bases whose map of a row depends only on that row (and the seed as above), so SmoothGrad may
+# feed them chunks of copies. The mask and perturbation methods draw per call or per image index
+# (RISE's masks with its baseline, I-GOS's per-image noise streams, XRAI's baselines): they get all
+# N × samples copies in one call, as before, and stream inside themselves.
+CHUNKED_BASES = (
+    "saliency", "gradient_x_input", "integrated_gradients", "blur_ig", "guided_ig", "agi",
+    "guided_backprop", "deconvnet", "grad_cam", "smoothgrad",
+)  # fmt: skip
 
 
 def smoothgrad(
@@ -45,7 +53,8 @@ def smoothgrad(
     name, called with ``base_params`` on chunks of the N × samples noisy copies (the model's
     ``batch_size`` copies each, image by image then sample by sample), the noise drawn chunk by
     chunk from one generator and the maps summed as they come: memory stays flat in samples and
-    the result is the same for any chunking.
+    the result is the same for any chunking. Bases outside ``CHUNKED_BASES`` (mask and
+    perturbation methods) get all copies in one call.
     Returns float32 (N, *input_shape).
     """
     from engine.methods import METHODS, method_parameters  # late: the registry imports this module
@@ -75,7 +84,7 @@ def smoothgrad(
         params["seed"] = np.random.default_rng(params.get("seed", method_parameters(base)["seed"]))
     x64 = x.astype(np.float64)
     total = np.zeros(x.shape, dtype=np.float64)
-    chunk = chunk_rows(model)
+    chunk = chunk_rows(model) if base in CHUNKED_BASES else n * s
     for start in range(0, n * s, chunk):  # noisy copy r = image r // s, sample r % s
         stop = min(start + chunk, n * s)
         img = np.arange(start, stop) // s
