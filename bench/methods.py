@@ -131,7 +131,7 @@ def bench_ig(setup: Setup, images: int, steps: int) -> Row:
             output="probability",
             baseline="black",
             steps=n_steps,
-            rule="gausslegendre",
+            quadrature="gausslegendre",
         )
 
     ours_s, ours_map = median_seconds(ours, setup.repeats, warmup=lambda: ours(2))

@@ -231,5 +231,5 @@ def test_head_helper_matches_engine_output_scores():
 def test_paper_defaults_where_code_and_paper_disagree():
     """The paper's algorithm is the default; the reference code's behaviour is an option."""
     assert method_parameters("smoothgrad")["magnitude"] is False  # SmoothGrad paper: plain mean
-    assert method_parameters("integrated_gradients")["rule"] == "right"  # IG paper: Riemann sum
+    assert method_parameters("integrated_gradients")["quadrature"] == "right"  # IG paper: Riemann sum
     assert method_parameters("agi")["accumulate"] is True  # AGI paper: steepest-ascent path

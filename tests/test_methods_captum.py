@@ -86,7 +86,7 @@ def test_saliency_and_input_x_gradient(setup, output):
 
 
 @pytest.mark.parametrize(
-    "rule, method",
+    "quadrature, method",
     [
         ("gausslegendre", "gausslegendre"),
         ("left", "riemann_left"),
@@ -95,14 +95,16 @@ def test_saliency_and_input_x_gradient(setup, output):
         ("captum_trapezoid", "riemann_trapezoid"),
     ],
 )
-def test_integrated_gradients(setup, rule, method):
+def test_integrated_gradients(setup, quadrature, method):
     net, clf, x, t = setup
     ig = captum_attr.IntegratedGradients(forward(net, "probability"))
     ref, ref_delta = ig.attribute(
         torch.from_numpy(x), baselines=0.0, target=t.tolist(), n_steps=16, method=method,
         return_convergence_delta=True,
     )  # fmt: skip
-    ours, delta = explain(clf, x, "integrated_gradients", target=t, steps=16, rule=rule, return_delta=True)
+    ours, delta = explain(
+        clf, x, "integrated_gradients", target=t, steps=16, quadrature=quadrature, return_delta=True
+    )
     assert rel_err(ours, ref) <= 1e-5
     np.testing.assert_allclose(delta, ref_delta.detach().numpy(), atol=1e-5)
 

@@ -61,7 +61,7 @@ def test_integrated_gradients(setup):
             x_steps=steps,
             batch_size=batch,
         )
-        ours = explain(model, x, "integrated_gradients", target=target, steps=steps, rule="pair")
+        ours = explain(model, x, "integrated_gradients", target=target, steps=steps, quadrature="pair")
         assert rel_err(ours, ref) <= 1e-5
 
 
@@ -169,7 +169,7 @@ def test_smoothgrad_integrated_gradients(setup, replay_normal):
     )
     ours = explain(
         model, x, "smoothgrad", target=target, samples=4, seed=9, base="integrated_gradients",
-        base_params={"steps": 6, "rule": "pair"}, magnitude=True,
+        base_params={"steps": 6, "quadrature": "pair"}, magnitude=True,
     )  # fmt: skip
     assert rel_err(ours, ref) <= 1e-5
 

@@ -9,19 +9,19 @@ from scipy import ndimage
 
 from engine.methods import METHODS, explain
 from engine.methods.idgi import idgi, idgi_step
-from engine.methods.quadrature import RULES, alphas_and_weights
+from engine.methods.quadrature import QUADRATURES, alphas_and_weights
 from tests.analytic import SMALL_PARAMS, ConvNet, LinearSoftmax, TanhNet, images, rel_err
 
 # -- quadrature -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", RULES)
-def test_quadrature_rules(rule):
-    a, w = alphas_and_weights(rule, 8)
+@pytest.mark.parametrize("quadrature", QUADRATURES)
+def test_quadrature_rules(quadrature):
+    a, w = alphas_and_weights(quadrature, 8)
     assert a.shape == w.shape == (8,) and np.all(np.diff(a) > 0) and a.min() >= 0 and a.max() <= 1
-    total = {"pair": 1.0, "captum_trapezoid": 7 / 8}.get(rule, 1.0)
+    total = {"pair": 1.0, "captum_trapezoid": 7 / 8}.get(quadrature, 1.0)
     assert np.isclose(w.sum(), total)
-    exact_degree = {"gausslegendre": 15, "trapezoid": 1, "midpoint": 1}.get(rule)
+    exact_degree = {"gausslegendre": 15, "trapezoid": 1, "midpoint": 1}.get(quadrature)
     if exact_degree is not None:
         for d in range(exact_degree + 1):
             assert np.isclose((w * a**d).sum(), 1 / (d + 1), rtol=1e-12)
@@ -57,12 +57,12 @@ def test_quadrature_rejects_bad_input():
 # -- integrated gradients --------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ["left", "right", "midpoint", "trapezoid", "gausslegendre"])
-def test_ig_on_a_linear_logit_is_exact(rule):
+@pytest.mark.parametrize("quadrature", ["left", "right", "midpoint", "trapezoid", "gausslegendre"])
+def test_ig_on_a_linear_logit_is_exact(quadrature):
     m = LinearSoftmax((2, 3), 4, input_range=(-1.0, 2.0))
     x = images(m, 3)
     t = np.array([0, 1, 3])
-    attr = explain(m, x, "integrated_gradients", target=t, output="logit", steps=5, rule=rule)
+    attr = explain(m, x, "integrated_gradients", target=t, output="logit", steps=5, quadrature=quadrature)
     expected = (x + 1.0) * m.W[t].reshape(3, 2, 3)  # black baseline = input_range low = -1
     assert rel_err(attr, expected) < 1e-6
 
@@ -78,9 +78,16 @@ def test_ig_completeness_improves_with_steps_and_idgi_is_exact():
         np.testing.assert_allclose(delta, attr.sum(1) - total, atol=1e-6)
         gaps.append(np.abs(delta).max())
     assert gaps[0] > gaps[1] > gaps[2]
-    for rule in ("right", "gausslegendre", "pair"):
+    for quadrature in ("right", "gausslegendre", "pair"):
         attr, delta = explain(
-            m, x, "integrated_gradients", target=t, steps=5, rule=rule, idgi=True, return_delta=True
+            m,
+            x,
+            "integrated_gradients",
+            target=t,
+            steps=5,
+            quadrature=quadrature,
+            idgi=True,
+            return_delta=True,
         )
         assert np.abs(delta).max() < 1e-6 * np.abs(total).max()
         np.testing.assert_allclose(attr.sum(1), total, rtol=1e-5, atol=1e-7)
@@ -91,7 +98,7 @@ def test_ig_idgi_formula_by_hand():
     x = images(m, 2)
     t = np.array([2, 0])
     n = 6
-    got = explain(m, x, "integrated_gradients", target=t, steps=n, rule="pair", idgi=True)
+    got = explain(m, x, "integrated_gradients", target=t, steps=n, quadrature="pair", idgi=True)
     expected = np.zeros((2, 4))
     for i in range(2):
         pts = [x[i] * a for a in np.linspace(0, 1, n)]
@@ -214,7 +221,7 @@ def test_guided_ig_with_max_dist_zero_is_left_riemann_ig():
     x = images(m, 2) * 2
     kw = dict(target=[1, 2], steps=12)
     a = explain(m, x, "guided_ig", max_dist=0.0, **kw)
-    b = explain(m, x, "integrated_gradients", rule="left", **kw)
+    b = explain(m, x, "integrated_gradients", quadrature="left", **kw)
     assert rel_err(a, b) < 1e-5
 
 
@@ -333,7 +340,8 @@ def test_call_counts_prove_batching():
     m.batch_size = 7
     m.reset_counts()
     explain(m, x, "integrated_gradients", target=0, steps=32)
-    assert m.calls == {"gradient": 1} and m.chunks["gradient"] == -(-128 // 7)
+    # streamed: one call per chunk of batch_size rows, each one runtime chunk
+    assert m.calls["gradient"] == m.chunks["gradient"] == -(-128 // 7) and m.rows["gradient"] == 128
     m.batch_size = None
     m.reset_counts()
     explain(m, x, "integrated_gradients", steps=32, return_delta=True)  # + alpha=0 row per image

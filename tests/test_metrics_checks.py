@@ -338,17 +338,17 @@ def test_postprocessing_against_pair():
         pair_grayscale(m, 101)
 
 
-@pytest.mark.parametrize("rule,idgi", [("left", False), ("trapezoid", False), ("right", True)])
-def test_step_sensitivity_pools_shared_points(rule, idgi):
+@pytest.mark.parametrize("quadrature,idgi", [("left", False), ("trapezoid", False), ("right", True)])
+def test_step_sensitivity_pools_shared_points(quadrature, idgi):
     model = TanhNet((3, 8, 8), 4, layout="NCHW")
     x = images(model, n=2)
-    steps = (2, 4, 8, 16) if rule != "trapezoid" else (2, 3, 5, 9, 17)
+    steps = (2, 4, 8, 16) if quadrature != "trapezoid" else (2, 3, 5, 9, 17)
     model.reset_counts()
     result = step_sensitivity(
         model,
         x,
         steps=steps,
-        method_params={"rule": rule, "idgi": idgi},
+        method_params={"quadrature": quadrature, "idgi": idgi},
         metrics={"completeness": {}},
         keep_maps=True,
     )
@@ -357,7 +357,7 @@ def test_step_sensitivity_pools_shared_points(rule, idgi):
     assert result.rows == 2 * 17  # the finest grid and both ends
     for s, n in enumerate(steps):
         ref, delta = explain(
-            model, x, "integrated_gradients", steps=n, rule=rule, idgi=idgi, return_delta=True
+            model, x, "integrated_gradients", steps=n, quadrature=quadrature, idgi=idgi, return_delta=True
         )
         assert rel_err(result.maps[s], ref) < 1e-6, n
         assert np.allclose(result.delta[s], delta, rtol=1e-6, atol=1e-9)
@@ -365,7 +365,9 @@ def test_step_sensitivity_pools_shared_points(rule, idgi):
     assert np.allclose(result.scores["completeness"], np.abs(result.delta), rtol=1e-4, atol=1e-7)
     steps_axis, curve = result.curve("completeness")
     assert list(steps_axis) == list(steps) and curve.shape == (len(steps),)
-    chunked = step_sensitivity(model, x, steps=steps, method_params={"rule": rule, "idgi": idgi}, chunk=3)
+    chunked = step_sensitivity(
+        model, x, steps=steps, method_params={"quadrature": quadrature, "idgi": idgi}, chunk=3
+    )
     assert np.allclose(chunked.delta, result.delta, rtol=1e-9, atol=1e-12)  # chunking: summation order only
 
 

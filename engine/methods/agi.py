@@ -16,6 +16,7 @@ from engine.methods.common import (
 )
 from engine.methods.idgi import idgi_step
 from engine.methods.integrated_gradients import integrate_straight_path
+from engine.methods.stream import chunk_rows
 from engine.protocol import ClassifierLike
 
 SELECTIONS = ("random", "spaced", "least_likely", "most_likely")
@@ -169,20 +170,43 @@ def agi(
     logits0 = np.asarray(model.predict(x), dtype=np.float64)
     explained = resolve_target(model, x, target, logits0)
     adv = select_classes(explained, logits0, classes, selection, seed)
-    lo, hi = (float(v) for v in model.input_range)
 
     img, slot = np.nonzero(adv >= 0)  # one row per (image, adversarial class) pair
-    cls, lab = adv[img, slot], explained[img]
-    x0 = x[img].astype(np.float64)
+    # Pairs walk their paths independently: run them in groups whose gradient calls fit one
+    # chunk of the model's batch size, so memory does not grow with images × classes. Each
+    # group's maps are added to their image's total in slot order, as a sum over the slots would.
+    group = max(1, chunk_rows(model) // (2 if path == "steepest" else 1))
+    total = np.zeros(x.shape, dtype=np.float64)
+    per_class = np.zeros((*adv.shape, *x.shape[1:]), dtype=np.float64) if return_per_class else None
+    for start in range(0, len(img), group):
+        rows = slice(start, start + group)
+        acc = _walk(
+            model, objective, x[img[rows]].astype(np.float64), adv[img[rows], slot[rows]],
+            explained[img[rows]], logits0[img[rows]], float(eps), int(max_steps), accumulate, path, idgi,
+        )  # fmt: skip
+        if per_class is not None:
+            per_class[img[rows], slot[rows]] = acc
+        for r, i in enumerate(img[rows]):
+            total[i] += acc[r]
+    total = total.astype(np.float32)
+    return (total, per_class.astype(np.float32)) if return_per_class else total
+
+
+def _walk(model, objective, x0, cls, lab, logits0, eps, max_steps, accumulate, path, idgi):
+    """AGI for a group of (image, adversarial class) pairs: x0 (M, *s) float64 the pairs' images,
+    ``cls`` / ``lab`` (M,) their adversarial and explained classes, ``logits0`` (M, K) at x0.
+    Returns the per-pair maps (M, *s) float64."""
+    lo, hi = (float(v) for v in model.input_range)
+    double_softmax, output = objective.double, objective.output
     xp = x0.copy()
     acc = np.zeros_like(x0)
-    f_x0 = objective.scores(logits0[img], lab)
-    running = np.arange(len(img))
+    f_x0 = objective.scores(logits0, lab)
+    running = np.arange(len(x0))
     pending = None  # IDGI: (rows, gradient, f_c at the segment start) awaiting f_c at its end
     steepest = path == "steepest"
-    logits = logits0[img]  # at xp[running]; None when not yet known
+    logits = logits0  # at xp[running]; None when not yet known
     fold = False
-    for _ in range(int(max_steps)):
+    for _ in range(max_steps):
         if logits is None and not fold:
             logits = np.asarray(model.predict(xp[running].astype(np.float32)), dtype=np.float64)
         grads = None
@@ -222,12 +246,9 @@ def agi(
         rows, g, f_start = pending
         logits = np.asarray(model.predict(xp[rows].astype(np.float32)), dtype=np.float64)
         acc[rows] += idgi_step(g, f_start - objective.scores(logits, lab[rows]))
-    if not steepest and len(img):
+    if not steepest:
         x_adv = xp.astype(np.float32)
         acc, _ = integrate_straight_path(
             model, x0.astype(np.float32), x_adv, lab, output, int(max_steps), "right", idgi
         )
-    per_class = np.zeros((*adv.shape, *x.shape[1:]), dtype=np.float64)
-    per_class[img, slot] = acc
-    total = per_class.sum(axis=1).astype(np.float32)
-    return (total, per_class.astype(np.float32)) if return_per_class else total
+    return acc

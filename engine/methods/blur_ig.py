@@ -6,8 +6,9 @@ import math
 
 import numpy as np
 
-from engine.methods.common import Target, path_gradients, prepare
-from engine.methods.idgi import idgi as idgi_integrate
+from engine.methods.common import Target, prepare
+from engine.methods.idgi import StreamingIDGI
+from engine.methods.stream import stream_gradients
 from engine.perturb import gaussian_blur, spatial_axes
 from engine.protocol import ClassifierLike
 
@@ -32,7 +33,8 @@ def blur_ig(
     (the path runs input → blurred; the sign orients it blurred → input). The blur is
     ``scipy.ndimage.gaussian_filter`` on the two spatial axes of the model's layout, zero padding.
     Each step uses its own σ_{i+1} − σ_i (PAIR with batch_size > 1 uses the last one of the batch,
-    wrong for sqrt=True). All N × steps points go to the model in one call.
+    wrong for sqrt=True). The N × steps points are streamed to the model in chunks of its
+    ``batch_size`` rows, one blurred point at a time, so memory stays flat in steps.
     idgi: IDGI on the points ordered blurred → input (σ_{steps-1} … σ_0, spec §7).
     Returns float32 (N, *input_shape).
     """
@@ -42,13 +44,24 @@ def blur_ig(
         sigmas = [math.sqrt(float(i) * max_sigma / float(steps)) for i in range(steps + 1)]
     else:
         sigmas = [float(i) * max_sigma / float(steps) for i in range(steps + 1)]
-    points = np.stack([gaussian_blur(x, s, axes) for s in sigmas[:-1]])  # (steps, N, *s), float32
-    scores, grads = path_gradients(model, points, target, output)
-    if idgi:
-        return idgi_integrate(grads[::-1], scores[::-1]).astype(np.float32)
+    if idgi:  # IDGI integrates blurred → input: make the points in that order (σ_{steps-1} … σ_0)
+        path_idgi = StreamingIDGI(x.shape)
+        points = (gaussian_blur(x, sigmas[i], axes) for i in range(steps - 1, -1, -1))
+        for piece in stream_gradients(model, points, target, output):
+            path_idgi.add(piece)
+        return path_idgi.total.astype(np.float32)
     acc = np.zeros(x.shape, dtype=np.float64)
-    for i in range(steps):
-        moved = gaussian_blur(x, sigmas[i] + grad_step, axes)
-        dx = np.subtract(moved, points[i], dtype=np.float64) / grad_step
-        acc += (sigmas[i + 1] - sigmas[i]) * dx * grads[i]
+    made = {}  # points made but not yet reached by a returned chunk (at most ~one chunk of rows)
+
+    def point(i: int) -> np.ndarray:
+        made[i] = gaussian_blur(x, sigmas[i], axes)  # float32, (N, *s)
+        return made[i]
+
+    dx = None
+    for piece in stream_gradients(model, (point(i) for i in range(steps)), target, output):
+        i, rows = piece.point, piece.images
+        if i in made:  # first piece of point i: its path derivative for all N images
+            moved = gaussian_blur(x, sigmas[i] + grad_step, axes)
+            dx = np.subtract(moved, made.pop(i), dtype=np.float64) / grad_step
+        acc[rows] += (sigmas[i + 1] - sigmas[i]) * dx[rows] * piece.gradients
     return (-acc).astype(np.float32)

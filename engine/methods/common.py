@@ -1,8 +1,10 @@
 """Shared plumbing for the attribution methods: input checks, targets, baselines, blur, batching.
 
-Every method receives a batch ``x`` of shape ``(N, *model.input_shape)`` and hands all the points it
+Every method receives a batch ``x`` of shape ``(N, *model.input_shape)`` and hands the points it
 needs (path points x classes x images) to the model in as few ``gradient`` calls as possible; the
-model (``engine.model.Classifier``) splits big batches to its memory budget itself.
+model (``engine.model.Classifier``) splits big batches to its memory budget itself. Path methods
+stream their points in chunks of the model's batch size (``engine.methods.stream``) so that
+memory does not grow with steps or samples.
 """
 
 from __future__ import annotations
@@ -102,7 +104,9 @@ def path_gradients(
     output: str,
     rule: str = "gradient",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One ``gradient`` call for a stack of points (P, N, *s) explaining ``target`` (N,).
+    """One ``gradient`` call for a stack of points (P, N, *s) explaining ``target`` (N,). The
+    methods stream instead (``engine.methods.stream``); the step-sensitivity metric sends its
+    pooled points through this a chunk at a time.
 
     Returns (scores (P, N) float64, gradients (P, N, *s) as the model gives them, float32 for a
     Classifier); callers accumulate in float64 point by point, so no float64 copy of the whole

@@ -41,3 +41,23 @@ def idgi(gradients: np.ndarray, predictions: np.ndarray) -> np.ndarray:
     for i in range(n_seg):
         out += idgi_step(gradients[i], predictions[i + 1] - predictions[i])
     return out
+
+
+class StreamingIDGI:
+    """``idgi`` fed point by point (``engine.methods.stream.Piece``s in path order), holding only
+    the previous point's gradients and scores: the same segments, added in the same order, so
+    ``total`` equals ``idgi(gradients, predictions)`` bit for bit (the last gradient is unused)."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.total = np.zeros(shape, dtype=np.float64)
+        self._gradient: np.ndarray | None = None  # at the previous point, as the model gave it
+        self._score = np.zeros(shape[0], dtype=np.float64)
+
+    def add(self, piece) -> None:
+        rows = piece.images
+        if self._gradient is None:
+            self._gradient = np.empty(self.total.shape, dtype=piece.gradients.dtype)
+        if piece.point > 0:
+            self.total[rows] += idgi_step(self._gradient[rows], piece.scores - self._score[rows])
+        self._gradient[rows] = piece.gradients
+        self._score[rows] = piece.scores

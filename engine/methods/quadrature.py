@@ -1,7 +1,8 @@
 """Quadrature rules for path integrals over alpha in [0, 1] (spec methods.md §4).
 
-Like captum's ``approximation_methods``: each rule gives the points ``alphas`` and the weights,
-and the integral of h over [0, 1] is approximated by ``sum(weights * h(alphas))``.
+Like captum's ``approximation_methods``: each rule (the path methods' ``quadrature`` parameter)
+gives the points ``alphas`` and the weights, and the integral of h over [0, 1] is approximated by
+``sum(weights * h(alphas))``.
 
 Rules (n = steps):
   left          alphas i/n, i = 0..n-1, weights 1/n
@@ -19,7 +20,7 @@ from __future__ import annotations
 
 import numpy as np
 
-RULES: tuple[str, ...] = (
+QUADRATURES: tuple[str, ...] = (
     "left",
     "right",
     "midpoint",
@@ -30,28 +31,28 @@ RULES: tuple[str, ...] = (
 )
 
 
-def alphas_and_weights(rule: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
+def alphas_and_weights(quadrature: str, steps: int) -> tuple[np.ndarray, np.ndarray]:
     """(alphas (steps,), weights (steps,)), float64, alphas ascending."""
     n = int(steps)
     if n != steps or n < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if rule == "left":
+    if quadrature == "left":
         return np.arange(n) / n, np.full(n, 1.0 / n)
-    if rule == "right":
+    if quadrature == "right":
         return np.arange(1, n + 1) / n, np.full(n, 1.0 / n)
-    if rule == "midpoint":
+    if quadrature == "midpoint":
         return (np.arange(n) + 0.5) / n, np.full(n, 1.0 / n)
-    if rule == "gausslegendre":
+    if quadrature == "gausslegendre":
         nodes, weights = np.polynomial.legendre.leggauss(n)
         return 0.5 * (1.0 + nodes), 0.5 * weights
-    if rule in ("trapezoid", "pair", "captum_trapezoid"):
+    if quadrature in ("trapezoid", "pair", "captum_trapezoid"):
         if n < 2:
-            raise ValueError(f"rule {rule!r} needs steps >= 2 (it includes both ends)")
+            raise ValueError(f"quadrature {quadrature!r} needs steps >= 2 (it includes both ends)")
         alphas = np.linspace(0.0, 1.0, n)
-        if rule == "pair":
+        if quadrature == "pair":
             return alphas, np.full(n, 1.0 / n)
-        w = np.full(n, 1.0 / (n - 1) if rule == "trapezoid" else 1.0 / n)
+        w = np.full(n, 1.0 / (n - 1) if quadrature == "trapezoid" else 1.0 / n)
         w[0] /= 2
         w[-1] /= 2
         return alphas, w
-    raise ValueError(f"unknown quadrature rule {rule!r}; known: {', '.join(RULES)}")
+    raise ValueError(f"unknown quadrature {quadrature!r}; known: {', '.join(QUADRATURES)}")

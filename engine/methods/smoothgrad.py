@@ -8,9 +8,22 @@ from typing import Any
 import numpy as np
 
 from engine.methods.common import Target, prepare
+from engine.methods.stream import chunk_rows
 from engine.protocol import ClassifierLike
 
 NOISE_RANGES = ("image", "input_range")
+# Bases whose ``seed`` draws values row by row (a "uniform" baseline, SmoothGrad's own noise): fed
+# chunk by chunk, they must continue one generator to draw what one call on all copies would.
+# (AGI's seed draws one class permutation per call, the same for every chunk: it keeps the int.)
+ROW_SEEDED = ("integrated_gradients", "guided_ig", "smoothgrad")
+# Bases whose map of a row depends only on that row (and the seed as above), so SmoothGrad may
+# feed them chunks of copies. The mask and perturbation methods draw per call or per image index
+# (RISE's masks with its baseline, I-GOS's per-image noise streams, XRAI's baselines): they get all
+# N × samples copies in one call, as before, and stream inside themselves.
+CHUNKED_BASES = (
+    "saliency", "gradient_x_input", "integrated_gradients", "blur_ig", "guided_ig", "agi",
+    "guided_backprop", "deconvnet", "grad_cam", "smoothgrad",
+)  # fmt: skip
 
 
 def smoothgrad(
@@ -37,10 +50,14 @@ def smoothgrad(
     image then sample by sample, so it replays PAIR's sequence of ``np.random.normal`` draws when
     the global generator yields the same normals. No clipping of x + n (as PAIR).
     The target is resolved on the clean x and kept for every noisy copy. ``base`` is any METHODS
-    name, called ONCE on all N × samples noisy copies with ``base_params``.
+    name, called with ``base_params`` on chunks of the N × samples noisy copies (the model's
+    ``batch_size`` copies each, image by image then sample by sample), the noise drawn chunk by
+    chunk from one generator and the maps summed as they come: memory stays flat in samples and
+    the result is the same for any chunking. Bases outside ``CHUNKED_BASES`` (mask and
+    perturbation methods) get all copies in one call.
     Returns float32 (N, *input_shape).
     """
-    from engine.methods import METHODS  # late import: the registry imports this module
+    from engine.methods import METHODS, method_parameters  # late: the registry imports this module
 
     x, target = prepare(model, x, target, output)
     params = dict(base_params or {})
@@ -62,8 +79,20 @@ def smoothgrad(
     else:
         raise ValueError(f"noise_range must be one of {NOISE_RANGES}, got {noise_range!r}")
     sigma = (noise_level * spread).reshape((n, 1) + (1,) * (x.ndim - 1))
-    noise = np.random.default_rng(seed).standard_normal((n, s, *x.shape[1:])) * sigma
-    noisy = (x[:, None].astype(np.float64) + noise).reshape(n * s, *x.shape[1:])
-    maps = METHODS[base](model, noisy, np.repeat(target, s), output=output, **params)
-    maps = np.asarray(maps, dtype=np.float64).reshape(n, s, *x.shape[1:])
-    return (maps * maps if magnitude else maps).mean(axis=1).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    if base in ROW_SEEDED:  # one generator for all chunks: it goes on where the last chunk stopped
+        params["seed"] = np.random.default_rng(params.get("seed", method_parameters(base)["seed"]))
+    x64 = x.astype(np.float64)
+    total = np.zeros(x.shape, dtype=np.float64)
+    chunk = chunk_rows(model) if base in CHUNKED_BASES else n * s
+    for start in range(0, n * s, chunk):  # noisy copy r = image r // s, sample r % s
+        stop = min(start + chunk, n * s)
+        img = np.arange(start, stop) // s
+        # rows of the (N, samples, *input_shape) draw, in order: the same normals for any chunk
+        noise = rng.standard_normal((stop - start, *x.shape[1:])) * sigma[img, 0]
+        maps = METHODS[base](model, x64[img] + noise, target[img], output=output, **params)
+        maps = np.asarray(maps, dtype=np.float64)
+        maps = maps * maps if magnitude else maps
+        for row, i in enumerate(img):  # sample by sample, in the order a mean over axis 1 adds them
+            total[i] += maps[row]
+    return (total / s).astype(np.float32)

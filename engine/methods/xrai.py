@@ -17,7 +17,7 @@ import numpy as np
 from engine.errors import InputError, ParameterError
 from engine.methods.common import Target, prepare
 from engine.methods.integrated_gradients import integrate_straight_path
-from engine.methods.quadrature import RULES
+from engine.methods.quadrature import QUADRATURES
 from engine.perturb import Baseline, make_baseline, spatial_axes
 from engine.protocol import ClassifierLike
 
@@ -187,7 +187,7 @@ def xrai(
     output: str = "probability",
     baselines: Sequence[Baseline] | None = None,
     steps: int = 100,
-    rule: str = "pair",
+    quadrature: str = "pair",
     area_threshold: float = 1.0,
     min_pixel_diff: int = 50,
     algorithm: str = "full",
@@ -204,7 +204,7 @@ def xrai(
 ) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
     """XRAI as PAIR ``XRAI.GetMask`` with its defaults (``XRAIParameters``).
 
-    Attribution: the mean of Integrated Gradients (``steps`` = 100, quadrature ``rule`` "pair" =
+    Attribution: the mean of Integrated Gradients (``steps`` = 100, ``quadrature`` "pair" =
     PAIR's linspace with weights 1/steps) from each of ``baselines`` — None: PAIR's constant
     images at min(x) and at max(x) of each image (black and white for an image spanning the
     input range); else ``make_baseline`` names/numbers/arrays ("black", "white", ...) — then the
@@ -222,8 +222,8 @@ def xrai(
     h_ax, w_ax = spatial_axes(model)
     if algorithm not in ALGORITHMS:
         raise ParameterError(f"xrai: algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-    if rule not in RULES:
-        raise ParameterError(f"xrai: rule must be one of {RULES}, got {rule!r}")
+    if quadrature not in QUADRATURES:
+        raise ParameterError(f"xrai: quadrature must be one of {QUADRATURES}, got {quadrature!r}")
     if isinstance(steps, bool) or not isinstance(steps, (int, np.integer)) or steps < 2:
         raise ParameterError(f"xrai: steps must be an integer >= 2, got {steps!r}")
     if not isinstance(min_pixel_diff, (int, np.integer)) or min_pixel_diff < 0:
@@ -249,7 +249,7 @@ def xrai(
             np.tile(target, k),
             output,
             int(steps),
-            rule,
+            quadrature,
             idgi=False,
         )
         attr = attr.reshape(k, *x.shape).astype(np.float32).mean(axis=0)

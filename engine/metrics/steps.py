@@ -71,7 +71,7 @@ def pooled_integrated_gradients(
     *,
     output: str = "probability",
     baseline: Any = "black",
-    rule: str = "right",
+    quadrature: str = "right",
     idgi: bool = False,
     blur_sigma: float = 10.0,
     seed: int | None = 0,
@@ -86,10 +86,10 @@ def pooled_integrated_gradients(
     b64 = base.astype(np.float64)
     diff = x.astype(np.float64) - b64
     grids = []  # per step count: {alpha key: weight}, including the ends (weight 0 if absent)
-    alpha_of = {0: 0.0, round(_KEY): 1.0}  # key -> the alpha as the rule computed it
+    alpha_of = {0: 0.0, round(_KEY): 1.0}  # key -> the alpha as the quadrature computed it
     unpooled = 0
     for n in steps:
-        alphas, weights = alphas_and_weights(rule, n)
+        alphas, weights = alphas_and_weights(quadrature, n)
         grid = {round(a * _KEY): w for a, w in zip(alphas, weights)}
         for a in alphas:
             alpha_of.setdefault(round(a * _KEY), float(a))
@@ -173,7 +173,7 @@ def step_sensitivity(
         if unknown or params.get("return_delta"):
             bad = unknown or ["return_delta"]
             raise ParameterError(f"integrated_gradients: unsupported method_params {bad}")
-        kw = {k: params.get(k, known[k]) for k in ("baseline", "rule", "idgi", "blur_sigma", "seed")}
+        kw = {k: params.get(k, known[k]) for k in ("baseline", "quadrature", "idgi", "blur_sigma", "seed")}
         maps, delta, pooled, unpooled = pooled_integrated_gradients(
             model, x, target, steps, output=output, chunk=chunk, **kw
         )
