@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from onnx import TensorProto, helper, numpy_helper
 
 import engine
-from tests.gradcheck import check_module, relative_error, torch_gradient
+from tests.gradcheck import check_module, export, relative_error, torch_gradient
 from tests.test_lowering import Head, Lambda
 
 
@@ -22,11 +22,12 @@ def _check(body, shape, tmp_path, **kw):
     return check_module(module, shape, tmp_path, **kw)
 
 
-def onnx_classifier(tmp_path, nodes, shape, *, inits=(), opset=17, batch="batch", seed=0):
+def onnx_classifier(tmp_path, nodes, shape, *, inits=(), opset=17, batch="batch", seed=0, features=None):
     """input -> ``nodes`` (ending in tensor "act") -> Flatten -> MatMul to 4 classes, hand-built for
-    ops torch never exports. Returns the path and the weight of the final MatMul."""
+    ops torch never exports. ``features``: size of "act" per sample when it differs from the input's.
+    Returns the path and the weight of the final MatMul."""
     rng = np.random.default_rng(seed)
-    n = int(np.prod(shape))
+    n = features or int(np.prod(shape))
     fc = rng.normal(size=(n, 4)).astype(np.float32)
     graph = helper.make_graph(
         [
@@ -98,3 +99,88 @@ def test_div_grad_static_shapes(tmp_path):
     clf = check_onnx(path, fc, lambda t: t / (1 + t.abs().sum(2, keepdim=True)), (3, 4))
     assert "DivGrad" in _info(clf).lowered_ops
     assert _info(clf).self_check["status"] == "passed"
+
+
+# ------------------------------------------------------------------------------- activations
+# One model per test holds every activation side by side (one compile instead of one each).
+TORCH_ACTIVATIONS = {
+    "softplus": nn.Softplus(),
+    "softplus-beta": nn.Softplus(beta=2.0),
+    "softsign": nn.Softsign(),
+    "mish": nn.Mish(),
+    "selu": nn.SELU(),
+    "celu": nn.CELU(0.7),
+    "prelu": nn.PReLU(8, init=0.2),
+}
+
+
+class Side(nn.Module):
+    """Each activation on the same input, concatenated along the features."""
+
+    def __init__(self, acts):
+        super().__init__()
+        self.acts = nn.ModuleList(acts)
+
+    def forward(self, x):
+        return torch.cat([a(x) for a in self.acts], 1)
+
+
+def test_activations_match_torch(tmp_path):
+    clf, _ = _check(
+        nn.Sequential(nn.Linear(6, 8), Side(TORCH_ACTIVATIONS.values())), (6,), tmp_path, low=-3, high=3
+    )
+    assert _info(clf).self_check["status"] == "passed"
+
+
+def test_prelu_on_feature_maps(tmp_path):
+    """torch exports a per-channel slope of shape (C, 1, 1) for NCHW inputs."""
+    prelu = nn.PReLU(4)
+    with torch.no_grad():
+        prelu.weight.uniform_(-0.5, 0.5)
+    _check(nn.Sequential(nn.Conv2d(3, 4, 3), prelu), (3, 6, 6), tmp_path)
+
+
+def test_activations_at_their_kinks_take_torch_side(tmp_path):
+    """x = 0 exactly (the input itself): PRelu gives the slope, the Elu family gamma alpha / inner,
+    Softplus 1/2, as torch's backward formulas do."""
+    module = Side([nn.PReLU(1, init=0.3), nn.SELU(), nn.CELU(0.5), nn.Softplus()])
+    torch.manual_seed(0)
+    head = Head(module, (4,))
+    clf = engine.load(export(head, (4,), tmp_path), providers=["CPUExecutionProvider"])
+    x = np.array([[0.0, -1.0, 1.0, 0.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
+    target = np.array([0, 3])
+    _, grads = clf.gradient(x, target)
+    _, ref = torch_gradient(head, x, target)
+    assert relative_error(grads, ref) <= 1e-6
+
+
+# Ops torch does not export (tf2onnx and other exporters do): op, attributes, torch reference.
+ONNX_ACTIVATIONS = [
+    ("ThresholdedRelu", {"alpha": 0.4}, lambda t: F.threshold(t, 0.4, 0.0)),
+    ("Softsign", {}, F.softsign),
+    ("Softplus", {}, F.softplus),
+    ("Mish", {}, F.mish),  # opset 18
+    ("Selu", {"alpha": 1.5, "gamma": 1.1}, lambda t: 1.1 * F.elu(t, 1.5)),
+    ("Selu", {}, F.selu),
+    ("Celu", {"alpha": 2.0}, lambda t: F.celu(t, 2.0)),
+    ("Shrink", {"lambd": 0.4, "bias": 0.4}, lambda t: F.softshrink(t, 0.4)),
+    ("Shrink", {"lambd": 0.4}, lambda t: F.hardshrink(t, 0.4)),
+]
+
+
+def test_onnx_activation_ops_match_torch(tmp_path):
+    nodes = [
+        helper.make_node(op, ["input"], [f"a{i}"], **kw) for i, (op, kw, _) in enumerate(ONNX_ACTIVATIONS)
+    ]
+    nodes.append(helper.make_node("Concat", [f"a{i}" for i in range(len(ONNX_ACTIVATIONS))], ["act"], axis=1))
+    path, fc = onnx_classifier(tmp_path, nodes, (6,), opset=18, features=6 * len(ONNX_ACTIVATIONS))
+    check_onnx(path, fc, lambda t: torch.cat([ref(t) for _, _, ref in ONNX_ACTIVATIONS], 1), (6,))
+
+
+def test_softplus_is_stable_for_large_inputs(tmp_path):
+    """log(1 + e^x) computed naively overflows at x > 88 in float32; the rewrite never does."""
+    nodes = [helper.make_node("Softplus", ["input"], ["act"])]
+    path, fc = onnx_classifier(tmp_path, nodes, (6,))
+    clf = check_onnx(path, fc, F.softplus, (6,), low=-120.0, high=120.0)
+    scores, grads = clf.gradient(np.full((1, 6), 100.0, np.float32), np.array([0]))
+    assert np.all(np.isfinite(scores)) and np.all(np.isfinite(grads))
