@@ -184,3 +184,24 @@ def test_softplus_is_stable_for_large_inputs(tmp_path):
     clf = check_onnx(path, fc, F.softplus, (6,), low=-120.0, high=120.0)
     scores, grads = clf.gradient(np.full((1, 6), 100.0, np.float32), np.array([0]))
     assert np.all(np.isfinite(scores)) and np.all(np.isfinite(grads))
+
+
+# ------------------------------------------------------------------------ Identity-chained constants
+def test_shared_batchnorm_parameters_through_identity(tmp_path):
+    """Two BatchNorms (after a ReLU, so torch cannot fold them into the Conv) with equal parameters:
+    torch.onnx keeps one copy of each tensor and feeds the other uses through Identity nodes, as in
+    DenseNet, RepVGG, LeViT. The BatchNorm rewrite reads its constants through the chain."""
+    bns = [nn.BatchNorm2d(4), nn.BatchNorm2d(4)]
+    gen = torch.Generator().manual_seed(0)
+    values = {
+        k: torch.rand(4, generator=gen) + 0.5 for k in ("weight", "bias", "running_mean", "running_var")
+    }
+    for bn in bns:
+        for k, v in values.items():
+            getattr(bn, k).data.copy_(v)
+    body = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), bns[0], nn.Conv2d(4, 4, 3), nn.ReLU(), bns[1])
+    torch.manual_seed(3)
+    module = Head(body, (3, 7, 7))
+    graph = onnx.load(export(module, (3, 7, 7), tmp_path)).graph
+    assert sum(n.op_type == "Identity" for n in graph.node) >= 4  # the pattern is really there
+    check_module(module, (3, 7, 7), tmp_path)
