@@ -205,3 +205,62 @@ def test_shared_batchnorm_parameters_through_identity(tmp_path):
     graph = onnx.load(export(module, (3, 7, 7), tmp_path)).graph
     assert sum(n.op_type == "Identity" for n in graph.node) >= 4  # the pattern is really there
     check_module(module, (3, 7, 7), tmp_path)
+
+
+# ------------------------------------------------------------------------- constant subgraphs
+class ScaledStdConv2d(nn.Conv2d):
+    """Weight-standardised convolution as timm's ScaledStdConv2d / NF-Nets define it: the weight is
+    normalised per output channel in the forward pass, with a training-mode batch_norm over the
+    weight tensor, which torch exports as graph nodes fed only by initializers."""
+
+    def __init__(self, cin, cout, k, gamma=1.0, eps=1e-6):
+        super().__init__(cin, cout, k)
+        self.gain = nn.Parameter(torch.rand(cout, 1, 1, 1) + 0.5)
+        self.scale = gamma * self.weight[0].numel() ** -0.5
+        self.eps = eps
+
+    def forward(self, x):
+        w = self.weight.reshape(1, self.out_channels, -1)
+        gain = (self.gain * self.scale).view(-1)
+        w = F.batch_norm(w, None, None, weight=gain, training=True, momentum=0.0, eps=self.eps)
+        return F.conv2d(x, w.reshape_as(self.weight), self.bias)
+
+
+def test_weight_standardisation_is_folded(tmp_path):
+    torch.manual_seed(4)
+    _check(nn.Sequential(ScaledStdConv2d(3, 4, 3), nn.ReLU(), ScaledStdConv2d(4, 4, 3)), (3, 7, 7), tmp_path)
+
+
+def _graph_with_constant_branch(expand_to):
+    """input * (Expand(c, shape) + 1): a constant branch whose result is ``expand_to`` large."""
+    nodes = [
+        helper.make_node("Expand", ["c", "shape"], ["e"]),
+        helper.make_node("Add", ["e", "one"], ["k"]),
+        helper.make_node("Mul", ["input", "k"], ["logits"]),
+    ]
+    inits = [
+        numpy_helper.from_array(np.full((1,), 2.0, np.float32), "c"),
+        numpy_helper.from_array(np.array([expand_to], np.int64), "shape"),
+        numpy_helper.from_array(np.float32(1), "one"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["b", expand_to])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["b", expand_to])],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_constant_folding_evaluates_and_is_bounded():
+    from engine.compile.prepass import _FOLD_FLOOR, fold_constant_nodes
+
+    folded, count = fold_constant_nodes(_graph_with_constant_branch(8))
+    assert count == 1 and [n.op_type for n in folded.graph.node] == ["Mul"]
+    k = next(i for i in folded.graph.initializer if i.name == "k")
+    np.testing.assert_array_equal(numpy_helper.to_array(k), np.full(8, 3.0, np.float32))
+    # an Expand that would write a tensor far larger than its sources stays in the graph
+    big = _graph_with_constant_branch(_FOLD_FLOOR * 2)
+    same, count = fold_constant_nodes(big)
+    assert count == 0 and same is big
