@@ -264,3 +264,14 @@ def test_constant_folding_evaluates_and_is_bounded():
     big = _graph_with_constant_branch(_FOLD_FLOOR * 2)
     same, count = fold_constant_nodes(big)
     assert count == 0 and same is big
+
+
+# ------------------------------------------------------------------- shared LayerNorm parameters
+def test_layernorm_applied_twice(tmp_path):
+    """One LayerNorm module used twice (both nodes read the same scale and bias tensors): the
+    builder would define body.1.weight_grad twice."""
+    ln = nn.LayerNorm(8)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    _check(nn.Sequential(nn.Linear(6, 8), ln, nn.GELU(), nn.Linear(8, 8), ln), (6,), tmp_path)

@@ -278,7 +278,29 @@ def _layernorm(node, ctx, where):
     n.CopyFrom(node)
     del n.output[:]
     n.output.extend(outs)
+    # The builder writes the scale and bias gradients of every LayerNormalization under
+    # "<name>_grad", so two nodes sharing one tensor (a LayerNorm module applied twice, as in
+    # swin_t) define it twice: give each later use its own copy. (A scale computed from the input
+    # would need its own gradient, which the LayerNormalizationGrad lowering refuses anyway.)
+    for i in (1, 2):
+        name = n.input[i] if len(n.input) > i else ""
+        if not name:
+            continue
+        seen = _layernorm_params(ctx)
+        if name not in seen:
+            seen.add(name)
+            continue
+        value = ctx.const_value(name)
+        if value is not None:
+            n.input[i] = ctx.const(value, "ln_param")
     return [n]
+
+
+def _layernorm_params(ctx) -> set:
+    """Scale/bias tensors already used by a LayerNormalization of this graph (kept on ctx)."""
+    if not hasattr(ctx, "_layernorm_params"):
+        ctx._layernorm_params = set()
+    return ctx._layernorm_params
 
 
 def _gelu(node, ctx, where):
