@@ -275,3 +275,79 @@ def test_layernorm_applied_twice(tmp_path):
         ln.weight.uniform_(0.5, 1.5)
         ln.bias.uniform_(-0.5, 0.5)
     _check(nn.Sequential(nn.Linear(6, 8), ln, nn.GELU(), nn.Linear(8, 8), ln), (6,), tmp_path)
+
+
+# ----------------------------------------------------------------- InstanceNorm, reflect/edge Pad
+def _randomise_affine(module):
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, (nn.GroupNorm, nn.InstanceNorm2d, nn.InstanceNorm1d)) and m.affine:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+    return module
+
+
+def test_group_and_instance_norm(tmp_path):
+    """GroupNorm exports as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add."""
+    body = nn.Sequential(
+        nn.Conv2d(3, 4, 3),
+        nn.GroupNorm(2, 4),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3),
+        nn.InstanceNorm2d(4, affine=True),
+    )
+    _check(_randomise_affine(body), (3, 8, 8), tmp_path)
+
+
+def test_instance_norm_1d(tmp_path):
+    _check(
+        _randomise_affine(nn.Sequential(nn.Conv1d(3, 4, 3), nn.InstanceNorm1d(4, affine=True))),
+        (3, 9),
+        tmp_path,
+    )
+
+
+def test_reflect_and_replicate_padding(tmp_path):
+    """Conv padding_mode="reflect" / "replicate" (ConvNeXt-style and image-to-image stems)."""
+    body = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=2, padding_mode="reflect"),
+        nn.ReLU(),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="replicate"),
+        Lambda(lambda t: F.pad(t, (3, 0, 1, 2), mode="reflect")),
+    )
+    _check(body, (3, 6, 7), tmp_path)
+
+
+def test_pad_modes_with_axes_input(tmp_path):
+    """Opset 19's wrap mode and the axes input (opset 18), reflect of a 1-D axis and edge, from a
+    hand-built graph; the reference is numpy's np.pad written as torch indexing."""
+    prev = {"edge": "p1", "wrap": "p2"}
+    out = {"reflect": "p1", "edge": "p2", "wrap": "act"}
+
+    def pad(mode, pads, axes):
+        src = "input" if mode == "reflect" else prev[mode]
+        return helper.make_node("Pad", [src, pads, "", axes], [out[mode]], mode=mode)
+
+    nodes = [pad("reflect", "pr", "ax_r"), pad("edge", "pe", "ax_e"), pad("wrap", "pw", "ax_w")]
+    inits = [
+        numpy_helper.from_array(np.array(v, np.int64), k)
+        for k, v in {
+            "pr": [2, 1],
+            "ax_r": [-1],
+            "pe": [1, 0, 0, 2],
+            "ax_e": [1, 2],
+            "pw": [2, 3],
+            "ax_w": [1],
+        }.items()
+    ]
+    path, fc = onnx_classifier(
+        tmp_path, nodes, (3, 4), inits=inits, opset=19, features=(3 + 1 + 5) * (4 + 3 + 2)
+    )
+
+    def reference(t):
+        idx = lambda n, b, e, mode: torch.as_tensor(np.pad(np.arange(n), (b, e), mode=mode))  # noqa: E731
+        t = t[:, :, idx(4, 2, 1, "reflect")]
+        t = t[:, idx(3, 1, 0, "edge")][:, :, idx(7, 0, 2, "edge")]
+        return t[:, idx(4, 2, 3, "wrap")]
+
+    check_onnx(path, fc, reference, (3, 4))

@@ -426,14 +426,106 @@ def _clip(node, ctx, where):
 
 
 def _pad(node, ctx, where):
+    """Constant padding is left to the builder. reflect, edge and wrap padding (no gradient in the
+    builder) become one Gather per padded axis with constant indices: np.pad of arange(n) in the
+    same mode gives, for every output position, the input position it copies (numpy's modes are
+    the ONNX ones; torch's reflect, replicate and circular). Gather's gradient scatter-adds, so an
+    input copied several times gets each copy's gradient."""
     mode = attrs(node).get("mode", b"constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
-    if mode != "constant":
-        raise UnsupportedModelError(
-            f"{where}: node {node.name!r} (Pad, mode={mode}) cannot be differentiated by the builder; "
-            "only constant padding is supported"
+    if mode == "constant":
+        return [node]
+    x = node.input[0]
+    pads = ctx.const_value(node.input[1]) if len(node.input) > 1 and node.input[1] else None
+    dims = ctx.shapes.get(x)
+    refuse = lambda why: UnsupportedModelError(  # noqa: E731
+        f"{where}: node {node.name!r} (Pad, mode={mode}) cannot be differentiated: {why}"
+    )
+    if pads is None:
+        raise refuse("its pads are computed from the input; export with constant padding")
+    if dims is None:
+        raise refuse(f"the rank of {x!r} is unknown")
+    rank = len(dims)
+    axes = list(range(rank))
+    if len(node.input) > 3 and node.input[3]:
+        given = ctx.const_value(node.input[3])
+        if given is None:
+            raise refuse("its axes are not constant")
+        axes = [int(a) % rank for a in given]
+    pads = [int(p) for p in pads]
+    begins, ends = pads[: len(axes)], pads[len(axes) :]
+    if any(p < 0 for p in pads):
+        raise refuse(f"negative pads {pads} (cropping) in {mode} mode")
+    numpy_mode = {"reflect": "reflect", "edge": "edge", "wrap": "wrap"}.get(mode)
+    if numpy_mode is None:
+        raise refuse(f"unknown mode {mode!r}")
+    nodes, cur = [], x
+    padded = [(a, b, e) for a, b, e in zip(axes, begins, ends) if b or e]
+    for k, (axis, b, e) in enumerate(padded):
+        n = dims[axis]
+        if not isinstance(n, int) or n <= 0:
+            raise refuse(f"dimension {axis} of {x!r} is not static; export with a fixed input size")
+        if mode == "reflect" and max(b, e) >= n:
+            raise refuse(f"reflect pads {b, e} on a dimension of size {n}")
+        index = np.pad(np.arange(n, dtype=np.int64), (b, e), mode=numpy_mode)
+        out = node.output[0] if k == len(padded) - 1 else ctx.fresh("padded")
+        nodes.append(helper.make_node("Gather", [cur, ctx.const(index, "pad_index")], [out], axis=axis))
+        cur = out
+    if not nodes:
+        return [helper.make_node("Identity", [x], [node.output[0]], name=node.name)]
+    return nodes
+
+
+def _instance_norm(node, ctx, where):
+    """InstanceNormalization (no gradient in the builder; GroupNorm exports as one) decomposed:
+    over (N, C, rest) flattened to three axes, y = (x - mean) / sqrt(var + eps) * scale + bias with
+    the biased variance, as the ONNX spec and torch define it. Rank-agnostic: the spatial dims may
+    be symbolic."""
+    x, scale, bias = node.input[:3]
+    eps = attrs(node).get("epsilon", 1e-5)
+    f = ctx.fresh
+    shape, x3, mean, d, d2, var, ve, den, xn, s2, b2, sc, y3 = (
+        f(k)
+        for k in (
+            "shape",
+            "x3",
+            "mean",
+            "centred",
+            "sq",
+            "var",
+            "var_eps",
+            "std",
+            "xn",
+            "scale",
+            "bias",
+            "scaled",
+            "y3",
         )
-    return [node]
+    )
+    axes = ctx.const(np.array([2], np.int64), "axes")
+
+    def mean_over_rest(src, out):
+        if ctx.opset >= 18:
+            return helper.make_node("ReduceMean", [src, axes], [out], keepdims=1)
+        return helper.make_node("ReduceMean", [src], [out], axes=[2], keepdims=1)
+
+    one = ctx.const(np.array([1], np.int64), "axes")
+    return [
+        helper.make_node("Shape", [x], [shape]),
+        helper.make_node("Reshape", [x, ctx.const(np.array([0, 0, -1], np.int64), "shape")], [x3]),
+        mean_over_rest(x3, mean),
+        helper.make_node("Sub", [x3, mean], [d]),
+        helper.make_node("Mul", [d, d], [d2]),
+        mean_over_rest(d2, var),
+        helper.make_node("Add", [var, ctx.const(np.float32(eps), "eps")], [ve]),
+        helper.make_node("Sqrt", [ve], [den]),
+        helper.make_node("Div", [d, den], [xn]),
+        helper.make_node("Unsqueeze", [scale, one], [s2]),
+        helper.make_node("Unsqueeze", [bias, one], [b2]),
+        helper.make_node("Mul", [xn, s2], [sc]),
+        helper.make_node("Add", [sc, b2], [y3]),
+        helper.make_node("Reshape", [y3, shape], [node.output[0]]),
+    ]
 
 
 # ------------------------------------------------------------------ activations without a gradient
@@ -577,6 +669,7 @@ _REWRITES = {
     "HardSwish": _hard_swish,
     "Clip": _clip,
     "Pad": _pad,
+    "InstanceNormalization": _instance_norm,
     "Softplus": _softplus,
     "Softsign": _softsign,
     "Mish": _mish,
