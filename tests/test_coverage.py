@@ -351,3 +351,54 @@ def test_pad_modes_with_axes_input(tmp_path):
         return t[:, idx(4, 2, 3, "wrap")]
 
     check_onnx(path, fc, reference, (3, 4))
+
+
+# ------------------------------------------------------------------------ self-check tolerance
+def test_tolerance_grows_with_depth_and_spread():
+    from engine.compile.selfcheck import FLOAT32_EPS, FLOOR, graph_depth, tolerance
+
+    nodes = [helper.make_node("Relu", ["x"], ["a"]), helper.make_node("Neg", ["a"], ["b"])]
+    nodes += [helper.make_node("Add", ["a", "b"], ["c"]), helper.make_node("Exp", ["x"], ["d"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])], [])
+    model = helper.make_model(graph)
+    assert [graph_depth(model, t) for t in "abcd"] == [1, 2, 3, 1]
+    assert tolerance(4, 0.0) == FLOOR
+    assert tolerance(10_000, 0.0) == pytest.approx(100 * FLOAT32_EPS)
+    assert tolerance(4, 1e-5) == pytest.approx(8e-5)
+
+
+def test_self_check_runs_on_positive_slice_steps_and_records_skips(tmp_path):
+    """torch writes a steps input on every slice: only negative steps (a wrong builder kernel)
+    skip the check, and the reason is recorded."""
+    clf, _ = _check(Lambda(lambda x: x[:, 1:, ::2]), (3, 6), tmp_path)
+    check = _info(clf).self_check
+    assert check["status"] == "passed" and check["depth"] > 0
+    assert check[_info(clf).input_gradient]["tolerance"] >= 1e-6
+    clf, _ = _check(Lambda(lambda x: x.flip(1)), (3, 6), tmp_path)
+    check = _info(clf).self_check
+    assert check["status"] == "skipped" and "negative" in check["reason"]
+
+
+def test_self_check_still_catches_a_small_lowering_error(tmp_path, monkeypatch):
+    """A SigmoidGrad lowering wrong by 1e-4 relative is refused (the derived tolerance is ~1e-6 on
+    a graph this small); self_check=False records that the check did not run."""
+    import importlib
+
+    from engine.compile import LoweringError, compile_model
+
+    lower = importlib.import_module("engine.compile.lower")  # the package rebinds the name to a function
+    good = lower.LOWERINGS[("com.microsoft", "SigmoidGrad")]
+
+    def off(node, ctx):
+        nodes = good(node, ctx)
+        tmp = ctx.fresh("off")
+        nodes[-1].output[0] = tmp
+        return nodes + [lower.make("Mul", [tmp, ctx.const(np.float32(1 + 1e-4))], [node.output[0]])]
+
+    torch.manual_seed(0)
+    path = export(Head(nn.Sequential(nn.Linear(6, 8), nn.Sigmoid()), (6,)), (6,), tmp_path)
+    monkeypatch.setitem(lower.LOWERINGS, ("com.microsoft", "SigmoidGrad"), off)
+    with pytest.raises(LoweringError, match="self-check failed"):
+        compile_model(path)
+    _, info = compile_model(path, self_check=False)
+    assert info.self_check["status"] == "not run" and "self_check=False" in info.self_check["reason"]

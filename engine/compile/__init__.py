@@ -31,7 +31,7 @@ from .prepass import UnsupportedModelError, prepass
 from .scratch import scratch_dir
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "7"  # 7: quantization pairs through a straight-through estimator
+COMPILER_VERSION = "8"  # 8: activation/InstanceNorm/Pad rewrites, constant folding, DivGrad
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -132,7 +132,9 @@ def compile_model(
         from .selfcheck import self_check as run_check
 
         info.self_check = run_check(built, headed, mf, info, where)
-        _set_meta(built, info)
+    else:  # recorded, so a gradient model that was never checked says so
+        info.self_check = {"status": "not run", "reason": "disabled (self_check=False)"}
+    _set_meta(built, info)
     return built, info
 
 
