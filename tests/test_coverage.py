@@ -402,3 +402,16 @@ def test_self_check_still_catches_a_small_lowering_error(tmp_path, monkeypatch):
         compile_model(path)
     _, info = compile_model(path, self_check=False)
     assert info.self_check["status"] == "not run" and "self_check=False" in info.self_check["reason"]
+
+
+# ----------------------------------------------------------------- reductions and Sign
+def test_reduce_min_l1_and_sign(tmp_path):
+    """ReduceMin (ties share the gradient, as torch.amin: the duplicated column ties always),
+    ReduceL1 (torch's p=1 norm) and Sign (inside torch's lp_pool export; derivative 0)."""
+
+    def body(x):
+        tied = torch.cat([x, x[:, :, :1]], 2)
+        parts = [tied.amin(2), x.norm(p=1, dim=2), F.lp_pool1d(x, 2, 2).flatten(1)]
+        return torch.cat([p.flatten(1) for p in parts], 1)
+
+    _check(Lambda(body), (2, 6), tmp_path)

@@ -334,9 +334,9 @@ def _gelu(node, ctx, where):
     return nodes
 
 
-def _reduce_max(node, ctx, where):
-    """ReduceMax has no gradient: ReduceSum(x * mask) / count with mask = (x == max).
-    Ties share the gradient evenly (torch.amax semantics)."""
+def _reduce_max(node, ctx, where, op="ReduceMax"):
+    """ReduceMax (and ReduceMin) have no gradient: ReduceSum(x * mask) / count with
+    mask = (x == max). Ties share the gradient evenly (torch.amax / amin semantics)."""
     a = attrs(node)
     keepdims = a.get("keepdims", 1)
     axes_inputs = list(node.input[1:2])
@@ -346,9 +346,9 @@ def _reduce_max(node, ctx, where):
     reduce_inputs = axes_inputs
     if "axes" in a:  # opset < 18: axes attribute; ReduceSum takes them as an input from 13
         reduce_inputs = [ctx.const(np.array(a["axes"], np.int64), "axes")]
-        max_node = helper.make_node("ReduceMax", [node.input[0]], [mx], axes=a["axes"], keepdims=1)
+        max_node = helper.make_node(op, [node.input[0]], [mx], axes=a["axes"], keepdims=1)
     else:
-        max_node = helper.make_node("ReduceMax", [node.input[0], *axes_inputs], [mx], keepdims=1)
+        max_node = helper.make_node(op, [node.input[0], *axes_inputs], [mx], keepdims=1)
     nodes = [
         max_node,
         helper.make_node("Equal", [node.input[0], mx], [eq]),
@@ -370,6 +370,38 @@ def _reduce_max(node, ctx, where):
                 helper.make_node("Reshape", [div, ctx.const(np.array([], np.int64))], [node.output[0]])
             )
     return nodes
+
+
+def _reduce_min(node, ctx, where):
+    return _reduce_max(node, ctx, where, op="ReduceMin")
+
+
+def _reduce_l1(node, ctx, where):
+    """ReduceL1 = ReduceSum(|x|) with the same axes and keepdims (derivative sign(x), 0 at 0)."""
+    ab = ctx.fresh("abs")
+    a = attrs(node)
+    kw = {k: a[k] for k in ("keepdims", "noop_with_empty_axes") if k in a}
+    axes_inputs = list(node.input[1:2])
+    if "axes" in a:  # opset < 18: an attribute; ReduceSum takes axes as an input from opset 13
+        axes_inputs = [ctx.const(np.array(a["axes"], np.int64), "axes")]
+    return [
+        helper.make_node("Abs", [node.input[0]], [ab]),
+        helper.make_node("ReduceSum", [ab, *axes_inputs], [node.output[0]], **kw),
+    ]
+
+
+def _sign(node, ctx, where):
+    """Sign is piecewise constant (derivative 0, as in torch) but has no builder gradient: select
+    constants with Where, so no gradient flows through it."""
+    x = node.input[0]
+    gt, lt, inner = ctx.fresh("gt0"), ctx.fresh("lt0"), ctx.fresh("sign_inner")
+    zero = ctx.const(np.float32(0), "zero")
+    return [
+        helper.make_node("Greater", [x, zero], [gt]),
+        helper.make_node("Less", [x, zero], [lt]),
+        helper.make_node("Where", [lt, ctx.const(np.float32(-1)), zero], [inner]),
+        helper.make_node("Where", [gt, ctx.const(np.float32(1)), inner], [node.output[0]]),
+    ]
 
 
 def _elu(node, ctx, where):
@@ -664,6 +696,9 @@ _REWRITES = {
     "LayerNormalization": _layernorm,
     "Gelu": _gelu,
     "ReduceMax": _reduce_max,
+    "ReduceMin": _reduce_min,
+    "ReduceL1": _reduce_l1,
+    "Sign": _sign,
     "Elu": _elu,
     "HardSigmoid": _hard_sigmoid,
     "HardSwish": _hard_swish,
