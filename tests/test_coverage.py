@@ -415,3 +415,38 @@ def test_reduce_min_l1_and_sign(tmp_path):
         return torch.cat([p.flatten(1) for p in parts], 1)
 
     _check(Lambda(body), (2, 6), tmp_path)
+
+
+# --------------------------------------------------------------------------------------- Einsum
+class Einsums(nn.Module):
+    """Outer product, batched matmul, ellipsis against a weight, an implicit output, a transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(4, 3))
+        self.v = nn.Parameter(torch.randn(4))
+
+    def forward(self, x):  # x: (b, 3, 4)
+        parts = [
+            torch.einsum("bi,bj->bij", x[:, 0], x[:, 1]),
+            torch.einsum("bij,bjk->bik", x, x.transpose(1, 2)),
+            torch.einsum("...i,i->...", x, self.v),
+            torch.einsum("bij,jk", x, self.w),
+            torch.einsum("bij->bji", x),
+        ]
+        return torch.cat([p.flatten(1) for p in parts], 1)
+
+
+def test_einsum_matches_torch(tmp_path):
+    torch.manual_seed(5)
+    clf, _ = _check(Einsums(), (3, 4), tmp_path)
+    assert _info(clf).self_check["status"] == "passed"
+
+
+def test_einsum_diagonal_is_refused(tmp_path):
+    nodes = [helper.make_node("Einsum", ["input"], ["act"], equation="bii->bi")]
+    path, _ = onnx_classifier(tmp_path, nodes, (3, 3), features=3)
+    from engine.compile import UnsupportedModelError
+
+    with pytest.raises(UnsupportedModelError, match="diagonal"):
+        engine.load(path, providers=["CPUExecutionProvider"]).gradient(np.zeros((1, 3, 3), np.float32), 0)
