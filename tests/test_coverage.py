@@ -440,3 +440,27 @@ def test_einsum_diagonal_is_refused(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="diagonal"):
         engine.load(path, providers=["CPUExecutionProvider"]).gradient(np.zeros((1, 3, 3), np.float32), 0)
+
+
+def test_depth_to_space_and_back(tmp_path):
+    """torch's pixel_shuffle exports DepthToSpace (CRD); a hand-built SpaceToDepth and DCR
+    DepthToSpace are checked against their ONNX definitions written in torch."""
+    _check(
+        Lambda(lambda x: F.pixel_unshuffle(F.pixel_shuffle(x, 2) * 2, 2) + F.pixel_shuffle(x, 2).mean()),
+        (8, 2, 3),
+        tmp_path,
+    )
+    nodes = [
+        helper.make_node("SpaceToDepth", ["input"], ["s"], blocksize=2),
+        helper.make_node("Mul", ["s", "s"], ["sq"]),
+        helper.make_node("DepthToSpace", ["sq"], ["act"], blocksize=2, mode="DCR"),
+    ]
+    path, fc = onnx_classifier(tmp_path, nodes, (2, 4, 6))
+
+    def reference(t):
+        b = t.shape[0]
+        s = t.reshape(b, 2, 2, 2, 3, 2).permute(0, 3, 5, 1, 2, 4).reshape(b, 8, 2, 3)
+        s = s * s
+        return s.reshape(b, 2, 2, 2, 2, 3).permute(0, 3, 4, 1, 5, 2).reshape(b, 2, 4, 6)
+
+    check_onnx(path, fc, reference, (2, 4, 6))
