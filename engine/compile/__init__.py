@@ -32,7 +32,9 @@ from .prepass import UnsupportedModelError, prepass
 from .scratch import scratch_dir
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-COMPILER_VERSION = "8"  # 8: portable graph, onnxruntime rewrites at load (7: QDQ straight-through)
+# 9: portable graph with onnxruntime rewrites at load; activation/InstanceNorm/Pad rewrites,
+# constant folding, DivGrad (7: QDQ straight-through)
+COMPILER_VERSION = "9"
 GRADIENT_META = "onnxplain.gradient"
 MAX_IR_VERSION = 10
 
@@ -140,7 +142,9 @@ def compile_model(
         from .selfcheck import self_check as run_check
 
         info.self_check = run_check(built, headed, mf, info, where)
-        _set_meta(built, info)
+    else:  # recorded, so a gradient model that was never checked says so
+        info.self_check = {"status": "not run", "reason": "disabled (self_check=False)"}
+    _set_meta(built, info)
     return built, info
 
 

@@ -69,15 +69,22 @@ class GraphContext:
         return name
 
     def const_value(self, name: str) -> np.ndarray | None:
-        """The value of an initializer or a Constant node's output, else None."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producers.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
+        """The value of an initializer or a Constant node's output, else None. Identity chains are
+        followed: torch.onnx merges equal tensors into one initializer and feeds the other uses
+        through Identity nodes (DenseNet's BatchNorm parameters at their initial values)."""
+        seen = set()
+        while name not in self.initializers:
+            node = self.producers.get(name)
+            if node is None or name in seen:
+                return None
+            seen.add(name)
+            if node.op_type == "Identity":
+                name = node.input[0]
+                continue
+            if node.op_type == "Constant":
+                return _constant_attribute(node)
+            return None
+        return numpy_helper.to_array(self.initializers[name])
 
     def rank(self, name: str) -> int | None:
         dims = self.shapes.get(name)
@@ -92,6 +99,22 @@ class GraphContext:
         if any(not isinstance(d, int) or d <= 0 for d in spatial):
             return None
         return list(spatial)
+
+
+def _constant_attribute(node: onnx.NodeProto) -> np.ndarray | None:
+    """A Constant node's value, whichever attribute holds it (value, value_float(s), value_int(s))."""
+    for a in node.attribute:
+        if a.name == "value":
+            return numpy_helper.to_array(a.t)
+        if a.name == "value_float":
+            return np.array(a.f, np.float32)
+        if a.name == "value_floats":
+            return np.array(list(a.floats), np.float32)
+        if a.name == "value_int":
+            return np.array(a.i, np.int64)
+        if a.name == "value_ints":
+            return np.array(list(a.ints), np.int64)
+    return None
 
 
 def attrs(node: onnx.NodeProto) -> dict:

@@ -706,6 +706,99 @@ def _static_broadcast_axes(ctx, a_shape: str, b_shape: str) -> tuple[list[int], 
     return axes
 
 
+def _static_dims(ctx, name):
+    dims = ctx.shapes.get(name)
+    if dims is None or any(not isinstance(d, int) or d <= 0 for d in dims):
+        return None
+    return list(dims)
+
+
+def _sum_to_shape(ctx, t: str, like: str, full_like: str, out: str) -> list:
+    """Sum ``t`` (broadcast to the shape of ``full_like``) back to the shape of ``like``: the
+    reduction a broadcasting operand's gradient needs. Constant axes when both shapes are static,
+    else the axes are found at run time as in BroadcastGradientArgs."""
+    small, full = _static_dims(ctx, like), _static_dims(ctx, full_like)
+    if small is not None and full is not None:
+        padded = [1] * (len(full) - len(small)) + small
+        axes = [i for i, (a, b) in enumerate(zip(padded, full)) if a == 1 and b != 1]
+        if not axes and len(padded) == len(small):
+            return [make("Identity", [t], [out])]
+        nodes, cur = [], t
+        if axes:
+            cur = ctx.fresh("summed")
+            nodes.append(
+                make("ReduceSum", [t, ctx.const(np.array(axes, np.int64), "axes")], [cur], keepdims=1)
+            )
+        nodes.append(make("Reshape", [cur, ctx.const(np.array(small, np.int64), "shape")], [out]))
+        return nodes
+    n = ctx.fresh
+    sl, sf, rl, rf, pad, ones, padded, is1, full1, not1, both, nz, axes, summed = (
+        n(k)
+        for k in (
+            "shape_small",
+            "shape_full",
+            "rank_small",
+            "rank_full",
+            "pad",
+            "ones",
+            "padded",
+            "is1",
+            "full1",
+            "not1",
+            "both",
+            "nz",
+            "axes",
+            "summed",
+        )
+    )
+    one = ctx.const(np.array(1, np.int64))
+    return [
+        make("Shape", [like], [sl]),
+        make("Shape", [t], [sf]),
+        make("Size", [sl], [rl]),
+        make("Size", [sf], [rf]),
+        make("Sub", [rf, rl], [pad]),
+        make("Reshape", [pad, ctx.const(np.array([1], np.int64))], [pad + "_1d"]),
+        make(
+            "ConstantOfShape",
+            [pad + "_1d"],
+            [ones],
+            value=helper.make_tensor("one", TensorProto.INT64, [1], [1]),
+        ),
+        make("Concat", [ones, sl], [padded], axis=0),
+        make("Equal", [padded, one], [is1]),
+        make("Equal", [sf, one], [full1]),
+        make("Not", [full1], [not1]),
+        make("And", [is1, not1], [both]),
+        make("NonZero", [both], [nz]),
+        make("Reshape", [nz, ctx.const(np.array([-1], np.int64))], [axes]),
+        make("ReduceSum", [t, axes], [summed], keepdims=1, noop_with_empty_axes=1),
+        make("Reshape", [summed, sl], [out]),
+    ]
+
+
+@lowering("DivGrad")
+def div_grad(node, ctx):
+    """Y = A / B: dA = sum(dY / B), dB = sum(-dY A / B²) = sum(-(dY / B)(A / B)), each summed over
+    the axes its operand was broadcast along (the builder's kernel reduces internally)."""
+    dy, a, b = node.input[:3]
+    outs = list(node.output) + [""] * (2 - len(node.output))
+    n = ctx.fresh
+    q = n("dy_over_b")
+    nodes = [make("Div", [dy, b], [q])]
+    if outs[0]:
+        nodes += _sum_to_shape(ctx, q, a, dy, outs[0])
+    if outs[1]:
+        ab, prod, neg = n("a_over_b"), n("prod"), n("neg")
+        nodes += [
+            make("Div", [a, b], [ab]),
+            make("Mul", [q, ab], [prod]),
+            make("Neg", [prod], [neg]),
+        ]
+        nodes += _sum_to_shape(ctx, neg, b, dy, outs[1])
+    return nodes
+
+
 @lowering("LayerNormalizationGrad")
 def layer_norm_grad(node, ctx):
     """dX = σ⁻¹ (g − mean(g) − x̂ mean(g x̂)), g = dY γ, x̂ = (X − μ) σ⁻¹, means over the normalised axes."""

@@ -2,7 +2,8 @@
 
 The builder's runtime has wrong kernels for a few ops (design/lowering.md), and crashes on
 AveragePoolGrad with a symbolic batch, so the check builds a static-batch copy and skips the
-known-bad cases, which the test suite checks against torch instead.
+known-bad cases, which the test suite checks against torch instead, recording the reason. The
+tolerance is derived from float32 rounding of the graph (tolerance(); docs/compiler-coverage.md).
 """
 
 from __future__ import annotations
@@ -18,19 +19,14 @@ from .lower import LoweringError
 from .scratch import scratch_dir
 
 CHECK_BATCH = 2
-FLOOR = 1e-6  # the least tolerance, relative to the largest |gradient| (zoo: errors <= 2e-7)
-
-
-def tolerance(model: onnx.ModelProto) -> float:
-    """Max abs error relative to the largest |gradient| that float32 rounding explains.
-
-    The lowered graph and the builder's compute the same sums in a different order (the
-    lowering's Convs against the builder's ConvGrad kernels, masks as products, fused vs unfused
-    ops), so their difference is a float32 rounding error that grows with the number of
-    operations it passes through; treated as a random walk of one rounding (2^-23) per node,
-    4 standard deviations: 4 · 2^-23 · sqrt(nodes). EfficientNet-Lite0's DeconvNet graph
-    (about 400 nodes: 9.5e-6) differs by 3.4e-6; a wrong lowering differs by 1e-2 or more."""
-    return max(FLOOR, 4 * float(np.finfo(np.float32).eps) * float(np.sqrt(len(model.graph.node))))
+# The check passes when max |lowered - builder| <= tolerance x max |builder|, with the tolerance
+# derived from float32 rounding of this graph (see tolerance()): never below FLOOR (measured
+# <= 2e-7 on the zoo), and above it where the graph is deep or its own rounding spread is large
+# (13 real architectures matched the framework to ~1e-6 yet differed from the builder's kernels by
+# 1.0e-6 to 1.6e-6, which a constant 1e-6 refused).
+FLOOR = 1e-6
+SPREAD_FACTOR = 8  # times the spread between two onnxruntime optimisation levels on the same graph
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 def known_bad_kernels(model: onnx.ModelProto) -> list[str]:
@@ -55,9 +51,40 @@ def known_bad_kernels(model: onnx.ModelProto) -> list[str]:
                 "tests/test_quantized.py checks them against torch's FakeQuantize"
             )
             break
-        if n.op_type == "Slice" and len(n.input) > 4:
-            reasons.append(f"{n.name}: SliceGrad with steps (negative steps are wrong in the builder)")
+        if (
+            n.op_type == "Slice"
+            and len(n.input) > 4
+            and n.input[4]
+            and not _positive_steps(model, n.input[4])
+        ):
+            # torch writes a steps input on every slice; only negative (or unknown) steps are wrong
+            reasons.append(f"{n.name}: SliceGrad with negative or computed steps (wrong in the builder)")
     return reasons
+
+
+def _positive_steps(model: onnx.ModelProto, name: str) -> bool:
+    from .graph import GraphContext
+
+    steps = GraphContext(model, {}).const_value(name)
+    return steps is not None and bool(np.all(steps > 0))
+
+
+def graph_depth(model: onnx.ModelProto, output: str) -> int:
+    """Nodes on the longest path from any graph input or initializer to ``output``."""
+    depth: dict[str, int] = {}
+    for n in model.graph.node:  # topologically sorted by the compiler
+        d = 1 + max((depth.get(i, 0) for i in n.input if i), default=0)
+        for o in n.output:
+            depth[o] = d
+    return depth.get(output, 0)
+
+
+def tolerance(depth: int, spread: float) -> float:
+    """Relative tolerance from float32 rounding: sqrt(depth) eps (independent roundings along the
+    longest path add up like a random walk), or SPREAD_FACTOR times the measured spread of the
+    same graph under two onnxruntime optimisation levels (different kernels and summation
+    orders), never below FLOOR."""
+    return max(FLOOR, float(np.sqrt(depth)) * FLOAT32_EPS, SPREAD_FACTOR * spread)
 
 
 def _static_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
@@ -120,21 +147,31 @@ def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
             }
         )
         reference = dict(np.load(t / "ref.npz"))
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    got = dict(zip(outputs, sess.run(outputs, feeds)))
-    tol = tolerance(lowered)
-    report = {"status": "passed", "batch": batch, "seed": seed, "tolerance": tol}
+    got = _run(lowered, feeds, outputs, ort.GraphOptimizationLevel.ORT_ENABLE_ALL)
+    plain = _run(lowered, feeds, outputs, ort.GraphOptimizationLevel.ORT_DISABLE_ALL)
+    depth = graph_depth(lowered, info.input_gradient)
+    report = {"status": "passed", "batch": batch, "seed": seed, "depth": depth}
     for name in outputs:
         ref, val = reference[name], got[name]
         scale = float(np.max(np.abs(ref))) or 1.0
         err = float(np.max(np.abs(ref - val)))
-        report[name] = {"max_abs_error": err, "scale": scale}
+        spread = float(np.max(np.abs(plain[name] - val))) / scale
+        tol = tolerance(depth, spread if np.isfinite(spread) else 0.0)
+        report[name] = {"max_abs_error": err, "scale": scale, "spread": spread, "tolerance": tol}
         if not np.isfinite(err) or err > tol * scale:
             raise LoweringError(
                 f"{where}: self-check failed for {name}: max abs error {err:.3g} vs the builder's graph "
-                f"(scale {scale:.3g}, tolerance {tol:.3g} relative: float32 rounding over "
-                f"{len(lowered.graph.node)} nodes)"
+                f"(scale {scale:.3g}, tolerance {tol:.3g} relative: depth {depth}, optimisation-level "
+                f"spread {spread:.3g})"
             )
     return report
+
+
+def _run(model: onnx.ModelProto, feeds: dict, outputs: list, level) -> dict:
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    so.graph_optimization_level = level
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    return dict(zip(outputs, sess.run(outputs, feeds)))
