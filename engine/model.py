@@ -35,7 +35,7 @@ def _run_into(sess: ort.InferenceSession, feeds: dict, outputs: dict, where: str
     """Run ``sess`` with its outputs written straight into the given contiguous numpy views (row
     slices of the caller's result arrays): no per-call output allocation and no copy, which for
     input gradients is a pass over as much memory as the input itself."""
-    if not isinstance(sess, ort.InferenceSession):  # another runtime (engine.runtimes): run, copy
+    if not hasattr(sess, "io_binding"):  # another runtime (engine.runtimes): run, then copy
         with _runtime_errors("run", where, "openvino"):
             values = sess.run(list(outputs), feeds)
         for dest, value in zip(outputs.values(), values):
