@@ -45,18 +45,49 @@ IN_FLIGHT_PER_ACTOR = 2  # one computing, one queued: the actor never waits for 
 _FORWARD_ONLY = {"rise", "occlusion"}  # methods that never call a gradient model
 
 
+_restore: list = []  # (previous environment value, previous flag) while a local cluster runs
+
+
 def start_local(num_cpus: int | None = None) -> None:
     """Start (and connect to) a one-machine Ray cluster on 127.0.0.1 only: no dashboard, every
-    listener on loopback."""
+    listener on loopback. ``stop_local`` stops it.
+
+    Ray reads RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER once, when it is imported: the environment
+    variable reaches the cluster's processes (they start after this), and the driver's own copy
+    of the flag is set here too, because ray was imported before (measured: with the variable
+    alone the driver's workers and raylet listened on every interface and the runtime-env agent
+    on the network address)."""
+    from ray._private import ray_constants
+
+    _restore.append((os.environ.get(LOOPBACK_ENV), ray_constants.ENABLE_RAY_CLUSTER))
     os.environ[LOOPBACK_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(
-        _node_ip_address="127.0.0.1",
-        include_dashboard=False,
-        num_cpus=num_cpus or len(os.sched_getaffinity(0)),
-        log_to_driver=False,
-        configure_logging=False,
-    )
+    try:
+        ray.init(
+            _node_ip_address="127.0.0.1",
+            include_dashboard=False,
+            num_cpus=num_cpus or len(os.sched_getaffinity(0)),
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    except BaseException:
+        stop_local()
+        raise
+
+
+def stop_local() -> None:
+    """Stop the cluster ``start_local`` started and put Ray's loopback setting back."""
+    from ray._private import ray_constants
+
+    ray.shutdown()
+    if _restore:
+        env, flag = _restore.pop()
+        ray_constants.ENABLE_RAY_CLUSTER = flag
+        if env is None:
+            os.environ.pop(LOOPBACK_ENV, None)
+        else:
+            os.environ[LOOPBACK_ENV] = env
 
 
 def _needed_gradients(plan: Plan) -> set[tuple[str, str | None]]:
@@ -204,14 +235,15 @@ def audit_on_ray(
     gradients = _gradient_models(clf, plan)
     model, pin = _model_bytes(clf)
 
-    started = False
+    started = None
     if not ray.is_initialized():
         if address in (None, "local"):
             start_local()
+            started = stop_local
         else:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             ray.init(address=address, log_to_driver=False, configure_logging=False)
-        started = True
+            started = ray.shutdown
     try:
         if gpus_per_worker is None:
             gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= workers else 0.0
@@ -232,7 +264,7 @@ def audit_on_ray(
         )
     finally:
         if started:
-            ray.shutdown()
+            started()
     return Summary(len(paths), len(chunks), computed, skipped, time.perf_counter() - start)
 
 
