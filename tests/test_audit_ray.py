@@ -24,6 +24,7 @@ from PIL import Image
 
 import engine
 from engine.audit import AuditStore, Plan, audit
+from engine.errors import InputError
 from engine.images import expand_paths
 from tests.untrusted_models import linear_model, save, weights
 
@@ -156,6 +157,14 @@ class TestOnOneCluster:
         # The cluster has run a while now (its agents are up): still nothing outside loopback.
         listeners = _listeners(_descendants(os.getpid()))
         assert listeners and all(a.startswith(LOOPBACK) for a, _ in listeners), listeners
+
+    def test_an_error_in_a_unit_is_raised_on_the_driver_as_itself(self, data, cluster, tmp_path):
+        model, photos, _ = data
+        plan = Plan(methods=[("integrated_gradients", {"steps": -3})])  # refused by the method itself
+        with AuditStore(tmp_path / "e.sqlite") as store:
+            with pytest.raises(InputError, match="steps must be a positive integer, got -3"):
+                audit_on_ray(model, expand_paths([photos]), store, plan, workers=1)
+            assert store.count("method") == 0
 
 
 def _cmd(model, photos, out):

@@ -349,7 +349,8 @@ def _drive(pool, todo, paths, digests, clf, plan, store, read_images, retries, t
         try:
             _, rows = ray.get(ref, timeout=timeout)
         except RayTaskError as e:  # the computation itself raised: deterministic, not retried
-            raise e.as_instanceof_cause() from None
+            cause = getattr(e, "cause", None)  # the worker's own exception (InputError, ...)
+            raise (cause if isinstance(cause, Exception) else e.as_instanceof_cause()) from None
         except (ActorDiedError, ActorUnavailableError, RayActorError, GetTimeoutError) as e:
             # Ray already restarted the actor and retried `retries` times: resubmit elsewhere
             if actor in live and isinstance(e, ActorDiedError):
