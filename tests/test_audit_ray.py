@@ -158,6 +158,21 @@ class TestOnOneCluster:
         listeners = _listeners(_descendants(os.getpid()))
         assert listeners and all(a.startswith(LOOPBACK) for a, _ in listeners), listeners
 
+    def test_a_model_with_external_weights_ships_inline_under_its_digest(self, data, cluster, tmp_path):
+        _, photos, _ = data
+        w, b = weights()
+        w[:, 2] *= -2.0  # another model than the module's
+        model = save(linear_model(w, b, w_location="weights.bin"), tmp_path / "m.onnx")
+        (tmp_path / "weights.bin").write_bytes(w.tobytes())
+        clf = engine.load(model)
+        plan = Plan(methods=[("gradient_x_input", {})], chunk=4)
+        with AuditStore(tmp_path / "ref.sqlite") as store:
+            audit(clf, expand_paths([photos]), store, plan)
+        with AuditStore(tmp_path / "ray.sqlite") as store:
+            s = audit_on_ray(clf, expand_paths([photos]), store, plan, workers=1)
+            assert [m["sha256"] for m in store.models()] == [clf.sha256]
+        assert s.computed == 14 and _rows(tmp_path / "ray.sqlite") == _rows(tmp_path / "ref.sqlite")
+
     def test_an_error_in_a_unit_is_raised_on_the_driver_as_itself(self, data, cluster, tmp_path):
         model, photos, _ = data
         plan = Plan(methods=[("integrated_gradients", {"steps": -3})])  # refused by the method itself
