@@ -273,3 +273,15 @@ def test_the_driver_sigkilled_then_rerun_resumes_to_the_same_store(data, tmp_pat
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["skipped"] == len(got) and summary["computed"] == len(want) - len(got)
     assert _rows(db) == want
+
+
+def test_cli_ray_options_are_checked_before_anything_runs(data, tmp_path, capsys):
+    from engine.cli import main
+
+    model, photos, _ = data
+    base = ["audit", str(model), str(photos), "--out", str(tmp_path / "o")]
+    assert main([*base, "--workers", "2"]) == 2
+    assert "--workers needs --ray" in capsys.readouterr().err
+    assert main([*base, "--ray", "--workers", "0"]) == 2
+    assert "--workers must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
