@@ -180,6 +180,9 @@ class TestOnOneCluster:
             with pytest.raises(InputError, match="steps must be a positive integer, got -3"):
                 audit_on_ray(model, expand_paths([photos]), store, plan, workers=1)
             assert store.count("method") == 0
+            # more actors than the cluster's CPUs hold: refused at once (Ray would wait silently)
+            with pytest.raises(InputError, match="workers=5 × 0.5 CPU each do not fit"):
+                audit_on_ray(model, expand_paths([photos]), store, Plan([("saliency", {})]), workers=5)
 
 
 def _cmd(model, photos, out):

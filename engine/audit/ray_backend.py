@@ -147,10 +147,13 @@ def _model_bytes(clf) -> tuple[bytes, bool]:
 class AuditWorker:
     """One actor: a Classifier built from shipped bytes, computing work units."""
 
-    def __init__(self, model: bytes, sha256: str, pin: bool, gradients: list[bytes], threads: int) -> None:
+    def __init__(
+        self, model: bytes, sha256: str, pin: bool, gradients: list[bytes], threads: int, batch_size: int
+    ) -> None:
         from ..model import load
 
-        self.clf = load(model, threads=threads)
+        # the driver's batch size: the runtime sees the same batches as a one-machine audit
+        self.clf = load(model, threads=threads, batch_size=batch_size)
         if pin:
             self.clf._mf.sha256 = sha256
         elif self.clf.sha256 != sha256:
@@ -245,8 +248,16 @@ def audit_on_ray(
             ray.init(address=address, log_to_driver=False, configure_logging=False)
             started = ray.shutdown
     try:
+        have = ray.cluster_resources()
         if gpus_per_worker is None:
-            gpus_per_worker = 1.0 if ray.cluster_resources().get("GPU", 0) >= workers else 0.0
+            gpus_per_worker = 1.0 if have.get("GPU", 0) >= workers else 0.0
+        for what, each in (("CPU", cpus_per_worker), ("GPU", gpus_per_worker)):
+            # actors that cannot all be placed would wait for resources without an error
+            if each and workers * each > have.get(what, 0):
+                raise InputError(
+                    f"workers={workers} × {each} {what} each do not fit the cluster's "
+                    f"{have.get(what, 0):g} {what}s; use fewer workers or a smaller share"
+                )
         actor_cls = ray.remote(
             num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker,
@@ -255,7 +266,8 @@ def audit_on_ray(
         )(AuditWorker)
         refs = (ray.put(model), ray.put(gradients))
         threads = max(1, int(cpus_per_worker))
-        pool = [actor_cls.remote(refs[0], model_sha, pin, refs[1], threads) for _ in range(workers)]
+        init = (refs[0], model_sha, pin, refs[1], threads, clf.batch_size)
+        pool = [actor_cls.remote(*init) for _ in range(workers)]
         ray.get([a.pid.remote() for a in pool], timeout=unit_timeout_s)  # up, or its error now
         if on_workers:
             on_workers(list(pool))
