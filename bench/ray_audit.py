@@ -91,11 +91,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     work = prepare_workdir(args.workdir)
 
-    import ray
-
     import engine
     from engine.audit import AuditStore, Plan, audit
-    from engine.audit.ray_backend import audit_on_ray, start_local, stop_local
+    from engine.audit.ray_backend import audit_on_ray, round_trip_seconds, start_local, stop_local
 
     model = efficientnet_onnx(work)
     paths = _photos(work, args.images)
@@ -111,18 +109,7 @@ def main(argv=None) -> dict:
 
     start_local(num_cpus=2)
     try:
-
-        @ray.remote(num_cpus=0.1)
-        class Echo:
-            def ping(self) -> int:
-                return 0
-
-        echo = Echo.remote()
-        ray.get(echo.ping.remote(), timeout=120)
-        t0 = time.perf_counter()
-        ray.get([echo.ping.remote() for _ in range(200)], timeout=120)
-        results["ray_task_s"] = (time.perf_counter() - t0) / 200
-        ray.kill(echo)
+        results["ray_task_s"] = round_trip_seconds(200)
         for workers in (1, 2):
             mark: dict = {}
             db = tmp / f"ray{workers}.sqlite"

@@ -22,7 +22,6 @@ resubmitted to another. This is the only module that imports ray (``pip install 
 
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections import deque
@@ -382,7 +381,19 @@ def _drive(pool, todo, paths, digests, clf, plan, store, read_images, retries, t
     return computed
 
 
-def projected_throughput(seconds_per_unit: float, images_per_unit: int, nodes: int, per_node: int) -> float:
-    """Images × methods per second of ``nodes`` × ``per_node`` actors at a measured cost per unit
-    (compute only: the driver's writes and Ray's ≈1 ms per task come on top)."""
-    return nodes * per_node * images_per_unit / seconds_per_unit if seconds_per_unit > 0 else math.inf
+class _Echo:
+    def ping(self) -> int:
+        return 0
+
+
+def round_trip_seconds(calls: int = 200, timeout_s: float = 120.0) -> float:
+    """Ray's cost of one actor task on the connected cluster: a no-op call's round trip, the mean
+    over ``calls`` submitted at once (the benchmark's per-task overhead)."""
+    echo = ray.remote(num_cpus=0.1)(_Echo).remote()
+    try:
+        ray.get(echo.ping.remote(), timeout=timeout_s)  # the actor is up
+        t0 = time.perf_counter()
+        ray.get([echo.ping.remote() for _ in range(calls)], timeout=timeout_s)
+        return (time.perf_counter() - t0) / calls
+    finally:
+        ray.kill(echo)
