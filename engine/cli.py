@@ -165,7 +165,9 @@ def _params(text: str | None, pairs: list[str] | None, methods: list[str], known
         if dot and method in scoped:
             scoped[method][key] = _value(value)
         elif dot:
-            raise UsageError(f"--param {pair!r}: {method!r} is not one of the chosen {methods}")
+            raise UsageError(
+                f"--param {pair!r}: {method!r} is not one of the chosen methods or metrics {methods}"
+            )
         else:
             given[name] = _value(value)
     out: dict[str, dict] = {}
@@ -257,6 +259,7 @@ def _cmd_explain(args) -> int:
         out,
         target=target,
         output=args.output,
+        scale=args.scale,
         progress=_progress(args),
     )
     if args.json:
@@ -441,13 +444,25 @@ def _cmd_evaluate(args) -> int:
             for p, d in zip(images, decoded)
         ]
     summary = evaluate_to_dir(
-        clf, x, maps, metrics, sparams, out, targets=targets, images=info, progress=_progress(args)
+        clf,
+        x,
+        maps,
+        metrics,
+        sparams,
+        out,
+        targets=targets,
+        images=info,
+        method_params=mparams,
+        progress=_progress(args),
     )
     if args.json:
         print(json.dumps(summary["metrics"]))
         return 0
     for method, row in summary["metrics"].items():
-        print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in row.items()))
+        print(
+            f"{method}: "
+            + ", ".join(f"{k} {'n/a' if v is None else format(v, '.4f')}" for k, v in row.items())
+        )
     if out is not None:
         print(f"wrote {printable(out / 'report.html')}")
     return 0
@@ -683,6 +698,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--param", action="append", metavar="[METHOD.]NAME=VALUE", help="one parameter; repeatable"
     )
     p.add_argument("--gradient-model", help="a gradient model from `onnxplain compile`")
+    p.add_argument(
+        "--scale",
+        choices=["own", "shared"],
+        default="own",
+        help="heatmap colours: each its own scale, or one scale per method across the images",
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_cmd_explain)

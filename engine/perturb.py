@@ -98,11 +98,42 @@ def opencv_gaussian_kernel(ksize: int, sigma: float) -> np.ndarray:
 def gaussian_blur_reflect(x: np.ndarray, ksize: int, sigma: float, axes: tuple[int, int]) -> np.ndarray:
     """Separable Gaussian blur of the two spatial ``axes`` like ``cv2.GaussianBlur(img, (k, k), σ)``
     on a float image: OpenCV's kernel, BORDER_REFLECT_101 (scipy's "mirror"), computed in float64.
-    I-GOS's baseline (51×51, σ=50). Returns float32."""
+    I-GOS's baseline (51×51, σ=50) and its metrics' blurred substrate. Returns float32."""
     k = opencv_gaussian_kernel(int(ksize), float(sigma))
     out = np.asarray(x, dtype=np.float64)
     for a in axes:
         out = ndimage.correlate1d(out, k, axis=a, mode="mirror")
+    return out.astype(np.float32)
+
+
+# ---------------------------------------------------------------- substrates for the metrics
+
+
+def rise_blur_kernel() -> np.ndarray:
+    """RISE's 11×11 blur kernel (eclique/RISE ``utils.gkern(11, 5)``), float32.
+
+    Built as RISE builds it: ``scipy.ndimage.gaussian_filter`` of an 11×11 delta with σ = 5 and
+    scipy's default ``mode="reflect"``, which folds the wide Gaussian back into the window, so the
+    kernel is nearly a box filter (centre 0.0088326, corner 0.0077366; specs/metrics.md §2).
+    """
+    delta = np.zeros((11, 11))
+    delta[5, 5] = 1.0
+    return ndimage.gaussian_filter(delta, 5).astype(np.float32)
+
+
+def rise_blur(x: np.ndarray, axes: tuple[int, int], pad: np.ndarray | float = 0.0) -> np.ndarray:
+    """RISE's blur substrate: ``conv2d(x, K, padding=5)`` per channel (no channel mixing) with
+    :func:`rise_blur_kernel`, computed in float64, returned as float32.
+
+    RISE pads with zeros in the model's normalised space; for an input in pixel space that is the
+    normalisation mean, so ``pad`` (a scalar or one value per channel, broadcast against ``x``)
+    is the value outside the image: the result is ``blur(x − pad) + pad``.
+    """
+    shape = [1] * x.ndim
+    shape[axes[0]], shape[axes[1]] = 11, 11
+    kernel = rise_blur_kernel().astype(np.float64).reshape(shape)
+    pad = np.asarray(pad, dtype=np.float64)
+    out = ndimage.correlate(np.asarray(x, np.float64) - pad, kernel, mode="constant") + pad
     return out.astype(np.float32)
 
 
@@ -147,3 +178,35 @@ def mask_baseline(
             return gauss
         return ((gauss.astype(np.float64) + median_blur(x, median_kernel, axes)) / 2).astype(np.float32)
     return make_baseline(model, x, baseline, seed=seed)
+
+
+def bilinear_matrix(size_in: int, size_out: int, align_corners: bool = True) -> np.ndarray:
+    """(size_out, size_in) matrix of 1-D linear interpolation weights, as torch's
+    ``interpolate(mode="bilinear")`` computes them: with ``align_corners`` the end samples of
+    input and output coincide (src = dst · (in − 1)/(out − 1)); without it pixel centres
+    coincide (src = (dst + 0.5) · in/out − 0.5, clamped at 0)."""
+    a = np.zeros((size_out, size_in))
+    if size_in == 1:
+        a[:, 0] = 1.0
+        return a
+    dst = np.arange(size_out, dtype=np.float64)
+    if align_corners:
+        src = dst * ((size_in - 1) / (size_out - 1)) if size_out > 1 else np.zeros(1)
+    else:
+        src = np.maximum((dst + 0.5) * (size_in / size_out) - 0.5, 0.0)
+    lo = np.minimum(np.floor(src).astype(int), size_in - 1)
+    hi = np.minimum(lo + 1, size_in - 1)
+    frac = src - lo
+    rows = np.arange(size_out)
+    np.add.at(a, (rows, lo), 1.0 - frac)
+    np.add.at(a, (rows, hi), frac)
+    return a
+
+
+def upsample_bilinear(maps: np.ndarray, size: tuple[int, int], align_corners: bool = True) -> np.ndarray:
+    """Bilinear upsampling of the last two axes of ``maps`` (…, h, w) to ``size`` (H, W), float64,
+    as two matrix products (separable, exact for any ratio)."""
+    h, w = maps.shape[-2:]
+    ah = bilinear_matrix(h, size[0], align_corners)
+    aw = bilinear_matrix(w, size[1], align_corners)
+    return np.matmul(np.matmul(ah, np.asarray(maps, np.float64)), aw.T)

@@ -146,6 +146,7 @@ def _convert(fn: Any, spec: Any, opset: int) -> onnx.ModelProto:
         logger.setLevel(level)
 
     graph = proto.graph
+    _bind_captures(fn, spec, graph)
     if len(graph.input) != 1 or len(graph.output) != 1:
         raise ValueError(
             f"expected one input and one output after conversion, got "
@@ -157,4 +158,33 @@ def _convert(fn: Any, spec: Any, opset: int) -> onnx.ModelProto:
     _common.rename_value(graph, graph.output[0].name, _common.OUTPUT_NAME)
     _common.name_batch_axis(graph.input[0])
     _common.name_batch_axis(graph.output[0])
+    _fix_class_dim(fn, spec, graph.output[0])
     return proto
+
+
+def _bind_captures(fn: Any, spec: Any, graph: onnx.GraphProto) -> None:
+    """Tensors the tf.function captured (a Keras ``Normalization`` layer's mean and variance, any
+    eager constant) come out of tf2onnx as extra graph inputs: bind each to its captured value as
+    an initializer, so the model has the one image input it is called with."""
+    import tensorflow as tf
+    from onnx import numpy_helper
+
+    concrete = fn.get_concrete_function(spec)
+    values = {}
+    for external, internal in zip(concrete.captured_inputs, concrete.graph.internal_captures):
+        if external.dtype != tf.resource:  # variables are frozen by tf2onnx already
+            values[internal.name] = np.asarray(external.numpy())
+    extra = [vi for vi in graph.input if vi.name in values]
+    for vi in extra:
+        graph.initializer.append(numpy_helper.from_array(values[vi.name], vi.name))
+        graph.input.remove(vi)
+
+
+def _fix_class_dim(fn: Any, spec: Any, output: onnx.ValueInfoProto) -> None:
+    """A symbolic class dimension becomes the number of classes the model gives."""
+    import tensorflow as tf
+
+    dims = output.type.tensor_type.shape.dim
+    if len(dims) == 2 and not dims[1].HasField("dim_value"):
+        probe = np.zeros((1, *spec.shape[1:]), np.float32)
+        dims[1].dim_value = int(fn(tf.constant(probe)).shape[-1])

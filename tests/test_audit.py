@@ -193,3 +193,31 @@ def test_bad_audit_inputs_are_clear_errors(setup, tmp_path, capsys):
     assert "not an onnxplain audit database" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "none.sqlite")]) == 1
     assert "no such audit database" in capsys.readouterr().err
+
+
+def test_audit_metrics_score_each_methods_maps_and_rerun_that_method(setup, tmp_path):
+    model, photos, w, b = setup
+    clf = engine.load(model)
+    paths = expand_paths([photos])
+    plan = Plan(
+        methods=[("gradient_x_input", {}), ("saliency", {})],
+        metrics=[("completeness", {}), ("max_sensitivity", {"samples": 2})],
+        output="logit",
+        chunk=4,
+    )
+    with AuditStore(tmp_path / "m.sqlite") as store:
+        s = audit(clf, paths, store, plan)
+        assert s.computed == 7 + 14 + 28
+        x, _ = read_images(paths, clf.input_shape, clf.layout, clf.input_range)
+        logits = x.reshape(7, -1) @ w + b
+        by_key = {r.key: r for r in store.results("method", with_data=False)}
+        for r in store.results("metric", with_data=False):
+            source = by_key[r.source]
+            if r.name == "completeness" and source.name == "gradient_x_input":
+                # A linear model's gradient × input from the black (zero) baseline is exact:
+                # Σ x·W[:, k] = f(x) − f(0), up to float32 rounding of the logits.
+                assert r.score <= 1e-5 * np.abs(logits).max()
+            if r.name == "max_sensitivity":
+                assert r.record["result"]["params"]["method"] == source.name  # its own method re-run
+                if source.name == "saliency":  # W[:, k]: the same map for any input
+                    assert r.score == pytest.approx(0.0, abs=1e-6)

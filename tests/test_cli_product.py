@@ -263,3 +263,25 @@ def test_progress_bar_draws_on_a_terminal_only():
     lines = tty.getvalue()
     assert lines.count("\r\x1b[K") == 3 and lines.endswith("\n")
     assert "[##..] 1/2" in lines and "[####] 2/2" in lines
+
+
+def test_shared_colour_scale_puts_every_image_of_a_method_on_one_scale(setup, tmp_path):
+    from engine.report.heatmap import shared_scale
+
+    model, photos, extra, w = setup
+    out = tmp_path / "shared"
+    assert main(["explain", str(model), str(photos), "-m", "saliency", "--output", "logit", "--target", "0",
+                 "--scale", "shared", "-o", str(out), "--quiet"]) == 0  # fmt: skip
+    record = json.loads((out / "results.json").read_text())[0]
+    assert record["colour_scale"] == "shared"
+    # Saliency of a fixed logit of a linear model is |W[:, 0]| for every image: one scale makes
+    # the two heatmaps identical (their own scales would too; a doubled map must not be).
+    a = np.abs(w[:, 0]).reshape(3, 4, 4).astype(np.float64)
+    h1, h2 = shared_scale([a, 2 * a], "NCHW")
+    s = a.sum(0)
+    vmax = np.percentile(np.concatenate([s.ravel(), 2 * s.ravel()]), 99)
+    np.testing.assert_allclose(h1, np.clip(s / vmax, 0, 1))
+    np.testing.assert_allclose(h2, np.clip(2 * s / vmax, 0, 1))
+    assert h1.max() < h2.max()
+    pngs = [Image.open(out / "saliency" / f"{n}.png") for n in ("a", "b")]
+    assert all(p.size == pngs[0].size for p in pngs)

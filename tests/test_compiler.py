@@ -453,3 +453,24 @@ def test_pooled_gradient_broadcast_is_an_upsample(tmp_path):
     clf, _ = check_module(module, (3, 7, 9), tmp_path)
     pool_grad = [n.op_type for n in _lowered_graph(clf).node if "GlobalAveragePool_Grad" in n.name]
     assert "Resize" in pool_grad and "Expand" not in pool_grad
+
+
+def test_self_check_tolerance_grows_with_the_graph_like_float32_rounding(cnn_path):
+    from onnx import helper
+
+    from engine.compile import compile_model
+    from engine.compile.selfcheck import FLOOR, tolerance
+
+    def chain(n):
+        nodes = [helper.make_node("Identity", [f"t{i}"], [f"t{i + 1}"]) for i in range(n)]
+        return helper.make_model(helper.make_graph(nodes, "g", [], []))
+
+    eps = float(np.finfo(np.float32).eps)
+    assert tolerance(chain(4)) == FLOOR
+    assert tolerance(chain(10_000)) == pytest.approx(4 * eps * 100)
+    assert tolerance(chain(40_000)) == pytest.approx(2 * tolerance(chain(10_000)))
+    _, info = compile_model(cnn_path)
+    check = info.self_check
+    assert check["status"] == "passed" and check["tolerance"] >= FLOOR
+    g = check[info.input_gradient]
+    assert g["max_abs_error"] <= check["tolerance"] * g["scale"]

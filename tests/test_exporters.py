@@ -267,6 +267,28 @@ def test_keras_normalisation_is_baked_into_the_graph(twins, tmp_path):
     assert metadata.read(onnx.load(report.path)).preprocessing["in_graph"] is True
 
 
+def test_keras_normalization_layer_constants_become_initializers(twins, tmp_path):
+    """A Keras Normalization layer's mean and variance are captured tensors, which tf2onnx makes
+    extra graph inputs (EfficientNetB0, ConvNeXtTiny): they are bound as initializers, and the
+    symbolic class dimension becomes the measured one."""
+    import keras
+
+    from exporters import keras as keras_exporter
+
+    keras.utils.set_random_seed(0)
+    inp = keras.Input((8, 8, 3))
+    h = keras.layers.Normalization(mean=[0.5, 0.4, 0.3], variance=[0.04, 0.05, 0.09])(inp)
+    h = keras.layers.Conv2D(4, 3, activation="relu")(h)
+    out = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(h))
+    model = keras.Model(inp, out)
+    report = keras_exporter.export(model, tmp_path / "n.onnx")
+    graph = onnx.load(report.path).graph
+    assert [i.name for i in graph.input] == ["input"]
+    assert graph.output[0].type.tensor_type.shape.dim[1].dim_value == 5
+    x = uniform((3, 8, 8, 3))
+    assert_logits_close(run_onnx(report.path, x), np.asarray(model(x, training=False)))
+
+
 def test_keras_subclassed_without_input_shape_is_refused(twins, tmp_path):
     from exporters import keras as keras_exporter
 

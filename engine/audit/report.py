@@ -63,7 +63,7 @@ def summarise(store: AuditStore) -> dict:
         for metric in direction:
             vals = scores.get((col, metric), [])
             arrow = "↑" if direction[metric] else "↓"
-            row[f"{metric} {arrow}"] = float(np.mean(vals)) if vals else None
+            row[f"{metric} {arrow}"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else None
         metric_rows.append(row)
     return {
         "models": [{k: v for k, v in m.items() if k != "labels"} for m in models],

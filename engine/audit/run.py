@@ -191,7 +191,7 @@ def compute_chunk(
     True."""
     from ..methods import explain
     from ..methods.common import output_scores, resolve_target
-    from ..metrics import evaluate
+    from ..metrics import evaluate, for_method
 
     written = 0
     labels = clf.labels or []
@@ -262,7 +262,9 @@ def compute_chunk(
             if not any(k in missing for k in skeys):
                 continue
             t0 = time.perf_counter()
-            results = evaluate(clf, x, maps, metric, target=targets, **mgiven)
+            results = evaluate(
+                clf, x, maps, metric, target=targets, **for_method(metric, mgiven, name, given, plan.output)
+            )
             seconds = (time.perf_counter() - t0) / len(x)
             for j, key in enumerate(skeys):
                 if key in missing:

@@ -18,7 +18,19 @@ from .lower import LoweringError
 from .scratch import scratch_dir
 
 CHECK_BATCH = 2
-TOLERANCE = 1e-6  # max abs error relative to the largest |gradient|; measured <= 2e-7 on the zoo
+FLOOR = 1e-6  # the least tolerance, relative to the largest |gradient| (zoo: errors <= 2e-7)
+
+
+def tolerance(model: onnx.ModelProto) -> float:
+    """Max abs error relative to the largest |gradient| that float32 rounding explains.
+
+    The lowered graph and the builder's compute the same sums in a different order (the
+    lowering's Convs against the builder's ConvGrad kernels, masks as products, fused vs unfused
+    ops), so their difference is a float32 rounding error that grows with the number of
+    operations it passes through; treated as a random walk of one rounding (2^-23) per node,
+    4 standard deviations: 4 · 2^-23 · sqrt(nodes). EfficientNet-Lite0's DeconvNet graph
+    (about 400 nodes: 9.5e-6) differs by 3.4e-6; a wrong lowering differs by 1e-2 or more."""
+    return max(FLOOR, 4 * float(np.finfo(np.float32).eps) * float(np.sqrt(len(model.graph.node))))
 
 
 def known_bad_kernels(model: onnx.ModelProto) -> list[str]:
@@ -112,15 +124,17 @@ def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
     so.log_severity_level = 3
     sess = ort.InferenceSession(lowered.SerializeToString(), so, providers=["CPUExecutionProvider"])
     got = dict(zip(outputs, sess.run(outputs, feeds)))
-    report = {"status": "passed", "batch": batch, "seed": seed}
+    tol = tolerance(lowered)
+    report = {"status": "passed", "batch": batch, "seed": seed, "tolerance": tol}
     for name in outputs:
         ref, val = reference[name], got[name]
         scale = float(np.max(np.abs(ref))) or 1.0
         err = float(np.max(np.abs(ref - val)))
         report[name] = {"max_abs_error": err, "scale": scale}
-        if not np.isfinite(err) or err > TOLERANCE * scale:
+        if not np.isfinite(err) or err > tol * scale:
             raise LoweringError(
                 f"{where}: self-check failed for {name}: max abs error {err:.3g} vs the builder's graph "
-                f"(scale {scale:.3g}, tolerance {TOLERANCE:g} relative)"
+                f"(scale {scale:.3g}, tolerance {tol:.3g} relative: float32 rounding over "
+                f"{len(lowered.graph.node)} nodes)"
             )
     return report

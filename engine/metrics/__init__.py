@@ -17,8 +17,17 @@ import numpy as np
 from engine.checked import check_batch, checked, input_errors
 from engine.errors import InputError, ParameterError
 from engine.metrics.base import MetricResult, metric
+from engine.metrics.causal import deletion, insertion
+from engine.metrics.pic import aic, sic
+from engine.metrics.pointing import pointing_game
 
-METRICS: dict[str, Callable[..., list[MetricResult]]] = {}
+METRICS: dict[str, Callable[..., list[MetricResult]]] = {
+    "insertion": insertion,
+    "deletion": deletion,
+    "sic": sic,
+    "aic": aic,
+    "pointing_game": pointing_game,
+}
 
 from engine.metrics.completeness import completeness  # noqa: E402
 from engine.metrics.sanity import model_randomisation, sanity_check  # noqa: E402
@@ -37,6 +46,22 @@ def metric_parameters(name: str) -> dict[str, Any]:
     """The tunable parameters of a metric and their defaults (the keyword-only ones)."""
     sig = inspect.signature(METRICS[name])
     return {n: p.default for n, p in sig.parameters.items() if p.kind is p.KEYWORD_ONLY}
+
+
+def for_method(
+    metric: str, params: dict, method: str, method_params: dict, output: str | None = None
+) -> dict:
+    """A metric's parameters for one method's maps: a metric that re-runs the method (stability,
+    max-sensitivity, the sanity checks) runs the one that made the maps, with its parameters."""
+    takes = metric_parameters(metric)
+    out = dict(params)
+    if "method" in takes and "method" not in out:
+        out["method"] = method
+        if "method_params" in takes and "method_params" not in out:
+            out["method_params"] = dict(method_params)
+    if output is not None and "output" in takes and "output" not in out:
+        out["output"] = output
+    return out
 
 
 def evaluate(
@@ -73,6 +98,7 @@ def evaluate(
 
 
 __all__ = [
+    "for_method",
     "METRICS",
     "MetricResult",
     "evaluate",

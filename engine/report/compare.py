@@ -67,10 +67,12 @@ def compare_to_dir(
             "per_image": rows,
             "aggregate": aggregate(rows),
         }
+        # One colour scale per method across both models and every image: brightness compares.
+        shared = heatmap.shared_scale([*_to_nchw(ma, a.layout), *_to_nchw(mb, b.layout)], "NCHW")
         for i in range(len(paths)):
-            for tag, m, x, clf in (("a", ma, xa, a), ("b", mb, xb, b)):
+            for k, (tag, m, x, clf) in enumerate((("a", ma, xa, a), ("b", mb, xb, b))):
                 pngs[(f"{method} ({tag})", i)] = heatmap.render(
-                    x[i], m[i], clf.layout, clf.input_range, method
+                    x[i], m[i], clf.layout, clf.input_range, method, h=shared[k * len(paths) + i]
                 )
             r = rows[i]
             captions[(f"{method} (b)", i)] = f"ρ {r['spearman']:.3f}, SSIM {r['ssim']:.3f}"

@@ -57,10 +57,13 @@ def evaluate_to_dir(
     *,
     targets: np.ndarray,
     images: list[dict],
+    method_params: dict[str, dict] | None = None,
     progress=None,
 ) -> dict:
     """Score every method's maps with every metric; write the outputs when ``out_dir`` is given."""
-    from ..metrics import METRICS, evaluate, metric_parameters
+    from ..metrics import METRICS, evaluate, for_method, metric_parameters
+
+    method_params = method_params or {}
 
     results: list[dict] = []
     table: dict[str, dict[str, float]] = defaultdict(dict)
@@ -74,7 +77,8 @@ def evaluate_to_dir(
                 progress(f"{metric} of {method}", steps, total)
             steps += 1
             start = time.perf_counter()
-            scored = evaluate(clf, x, m, metric, target=targets, **params.get(metric, {}))
+            given = for_method(metric, params.get(metric, {}), method, method_params.get(method, {}))
+            scored = evaluate(clf, x, m, metric, target=targets, **given)
             seconds[f"{metric} / {method}"] = time.perf_counter() - start
             for i, r in enumerate(scored):
                 d = r.to_dict()
@@ -83,7 +87,7 @@ def evaluate_to_dir(
                 if r.curve_x is not None and r.curve_y is not None:
                     curves[metric][method].append((r.curve_x, r.curve_y))
             arrow = "↑" if METRICS[metric].higher_is_better else "↓"
-            table[method][f"{metric} {arrow}"] = float(np.mean([r.score for r in scored]))
+            table[method][f"{metric} {arrow}"] = _mean([r.score for r in scored])
     if progress:
         progress("evaluated", total, total)
     summary = {
@@ -111,3 +115,9 @@ def evaluate_to_dir(
         page = html.page(f"onnxplain evaluate: {Path(str(clf.path or 'model')).name}", sections)
         atomic_write_bytes(out_dir / "report.html", page.encode())
     return summary
+
+
+def _mean(scores: list[float]) -> float | None:
+    """The mean over the images that have a score (SIC/AIC skip some, score NaN; PAIR's rule)."""
+    finite = [s for s in scores if np.isfinite(s)]
+    return float(np.mean(finite)) if finite else None

@@ -49,8 +49,11 @@ def explain_to_dir(
     *,
     target: int | None = None,
     output: str = "probability",
+    scale: str = "own",
     progress: Progress | None = None,
 ) -> list[dict]:
+    """``scale``: "own" (each heatmap its method's own post-processing) or "shared" (every image
+    of one method on one colour scale, ``heatmap.shared_scale``)."""
     from ..methods import explain
     from ..methods.common import resolve_target
 
@@ -77,10 +80,12 @@ def explain_to_dir(
             images=images,
             seconds=seconds,
         )
+        record["colour_scale"] = scale
         folder = out_dir / method
         folder.mkdir(exist_ok=True)
+        planes = heatmap.shared_scale(maps, clf.layout) if scale == "shared" else [None] * len(names)
         for i, name in enumerate(names):
-            png = heatmap.render(x[i], maps[i], clf.layout, clf.input_range, method)
+            png = heatmap.render(x[i], maps[i], clf.layout, clf.input_range, method, h=planes[i])
             atomic_write_bytes(folder / f"{name}.png", png)
             pngs[(method, i)] = png
             k = int(targets[i])

@@ -3,7 +3,8 @@
 The 2-D reduction and scaling follow each method's own post-processing (docs/metrics.md §
 post-processing): PAIR's grayscale visualisation (Σ|channels|, 99th percentile) by default, AGI's
 80th/99th percentile clip of the channel mean for AGI, the inverted mask for I-GOS-family masks.
-``scale="shared"`` puts every method of one image on one colour scale.
+``shared_scale`` puts several maps (every image of one method, or both models of a compare) on
+one colour scale, so their brightness can be compared.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import io
 import numpy as np
 from PIL import Image
 
-from engine.postprocess import agi_clip, igos_invert, min_max, pair_grayscale
+from engine.postprocess import agi_clip, igos_invert, min_max, pair_grayscale, reduce_channels
+
+SCALES = ("own", "shared")
 
 
 def to_hwc(x: np.ndarray, layout: str) -> np.ndarray:
@@ -31,6 +34,20 @@ def heatmap_2d(attribution: np.ndarray, layout: str, method: str = "") -> np.nda
     if method == "agi":
         return agi_clip(a)
     return pair_grayscale(a)
+
+
+def shared_scale(attributions, layout: str, percentile: float = 99) -> list[np.ndarray]:
+    """Σ|channels| of each map, all divided by one number — the ``percentile``-th percentile of
+    every pixel of every map pooled — and clipped to [0, 1] (PAIR's grayscale visualisation with
+    one vmax for the group, and vmin 0 so that zero attribution is dark everywhere)."""
+    planes = [
+        reduce_channels(to_hwc(np.asarray(a, np.float64), layout) if np.ndim(a) == 3 else a, "abs_sum")
+        for a in attributions
+    ]
+    vmax = float(np.percentile(np.concatenate([p.ravel() for p in planes]), percentile)) if planes else 0.0
+    if vmax <= 0:
+        return [np.zeros_like(p) for p in planes]
+    return [np.clip(p / vmax, 0, 1) for p in planes]
 
 
 def colourise(h: np.ndarray, cmap: str = "inferno") -> np.ndarray:
@@ -82,4 +99,4 @@ def render(
     return png_bytes(overlay(image, h), scale)
 
 
-__all__ = ["heatmap_2d", "colourise", "overlay", "png_bytes", "render", "to_hwc"]
+__all__ = ["heatmap_2d", "colourise", "overlay", "png_bytes", "render", "shared_scale", "to_hwc"]
