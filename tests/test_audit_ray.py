@@ -173,6 +173,21 @@ class TestOnOneCluster:
             assert [m["sha256"] for m in store.models()] == [clf.sha256]
         assert s.computed == 14 and _rows(tmp_path / "ray.sqlite") == _rows(tmp_path / "ref.sqlite")
 
+    def test_metrics_added_later_score_the_stored_maps_shipped_to_the_workers(self, data, cluster, tmp_path):
+        model, photos, _ = data
+        paths = expand_paths([photos])
+        methods = [("gradient_x_input", {}), ("saliency", {})]
+        metrics = [("completeness", {}), ("max_sensitivity", {"samples": 2})]
+        full = Plan(methods=methods, metrics=metrics, output="logit", chunk=4)
+        with AuditStore(tmp_path / "ref.sqlite") as store:
+            audit(engine.load(model), paths, store, full)
+        with AuditStore(tmp_path / "ray.sqlite") as store:
+            first = audit_on_ray(model, paths, store, Plan(methods=methods, output="logit", chunk=4))
+            # the maps are stored: the second run's units are metrics only, the maps go with them
+            second = audit_on_ray(model, paths, store, full)
+        assert (first.computed, second.computed, second.skipped) == (21, 28, 21)
+        assert _rows(tmp_path / "ray.sqlite") == _rows(tmp_path / "ref.sqlite")
+
     def test_an_error_in_a_unit_is_raised_on_the_driver_as_itself(self, data, cluster, tmp_path):
         model, photos, _ = data
         plan = Plan(methods=[("integrated_gradients", {"steps": -3})])  # refused by the method itself
