@@ -352,6 +352,17 @@ def _cmd_audit(args) -> int:
             raise UsageError(f"--metric {m!r} is not a metric; known: {', '.join(METRICS) or 'none'}")
     if args.chunk < 1:
         raise UsageError(f"--chunk must be >= 1, got {args.chunk}")
+    if args.workers is not None and args.ray is None:
+        raise UsageError("--workers needs --ray (the one-machine audit runs in this process)")
+    if args.workers is None:
+        args.workers = 2
+    if args.workers < 1:
+        raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("ray") is None:
+            raise UsageError("--ray needs Ray: pip install 'onnxplain[ray]'")
     mparams, sparams = _audit_params(args, methods, metrics)
     images = expand_paths(args.images)
     out = Path(args.out)
@@ -370,7 +381,14 @@ def _cmd_audit(args) -> int:
     progress = _progress(args)
     out.mkdir(parents=True, exist_ok=True)
     with AuditStore(out / "audit.sqlite") as store:
-        summary = audit(clf, images, store, plan, progress=progress)
+        if args.ray is not None:
+            from .audit.ray_backend import audit_on_ray  # the only module that imports ray
+
+            summary = audit_on_ray(
+                clf, images, store, plan, address=args.ray, workers=args.workers, progress=progress
+            )
+        else:
+            summary = audit(clf, images, store, plan, progress=progress)
         atomic_write_bytes(out / "report.html", audit_report(store).encode())
     if args.json:
         print(json.dumps({"out": str(out), **summary.__dict__}))
@@ -751,6 +769,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
     p.add_argument("--chunk", type=int, default=8, help="images per batch (part of each result's key)")
     p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        metavar="ADDRESS",
+        help="run on a Ray cluster: ADDRESS (auto, HOST:6379, ray://HOST:10001) or none/local for a "
+        "local one on 127.0.0.1",
+    )
+    p.add_argument("--workers", type=int, help="Ray actors, each with its own Classifier (default 2)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_audit)

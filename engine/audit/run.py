@@ -118,7 +118,9 @@ def audit(
             store.add_image(
                 digests[i], model_sha, str(paths[i]), i, _picture(clf, x[j]), decoded[j].to_dict()
             )
-        computed += _run_chunk(clf, x, [digests[i] for i in rows], chunk_id, keys, missing, plan, store)
+        computed += compute_chunk(
+            clf, x, [digests[i] for i in rows], chunk_id, keys, missing, plan, store.put, _reader(store)
+        )
     if progress:
         progress("images", len(chunks), len(chunks))
     return Summary(len(paths), len(chunks), computed, skipped, time.perf_counter() - start)
@@ -167,7 +169,26 @@ def _chunk_keys(model_sha, images, chunk_id, plan, methods, metrics) -> _Keys:
     return _Keys(pred, mkeys, skeys, methods, metrics)
 
 
-def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan, store: AuditStore) -> int:
+def _reader(store: AuditStore) -> Callable[[str], np.ndarray]:
+    return lambda key: store.get(key).data
+
+
+def compute_chunk(
+    clf,
+    x: np.ndarray,
+    digests: list[str],
+    chunk_id: str,
+    keys: _Keys,
+    missing: set,
+    plan: Plan,
+    emit: Callable[[Row], bool],
+    stored: Callable[[str], np.ndarray],
+) -> int:
+    """Compute the rows of one chunk whose keys are in ``missing`` and hand each to ``emit`` as it
+    is made (``AuditStore.put`` here; the Ray backend collects them and ships them to the driver,
+    which alone writes the store). ``stored(key)`` gives back a map already in the store, for a
+    chunk whose maps are done but whose metrics are not. Returns how many ``emit`` calls returned
+    True."""
     from ..methods import explain
     from ..methods.common import output_scores, resolve_target
     from ..metrics import evaluate, for_method
@@ -205,14 +226,14 @@ def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan,
                 record,
                 seconds,
             )
-            written += store.put(row)
+            written += emit(row)
     for a, (name, full, given) in enumerate(keys.methods):
         mkeys = keys.method[a]
         need_scores = any(k in missing for b in range(len(keys.metrics)) for k in keys.metric[(a, b)])
         if not any(k in missing for k in mkeys) and not need_scores:
             continue
         if all(k not in missing for k in mkeys):  # maps stored, only metrics to do: read them back
-            maps = np.stack([store.get(k).data for k in mkeys])
+            maps = np.stack([stored(k) for k in mkeys])
         else:
             t0 = time.perf_counter()
             maps = explain(clf, x, name, target=targets, output=plan.output, **given)
@@ -235,7 +256,7 @@ def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan,
                         record,
                         seconds,
                     )
-                    written += store.put(row)
+                    written += emit(row)
         for b, (metric, mfull, mgiven) in enumerate(keys.metrics):
             skeys = keys.metric[(a, b)]
             if not any(k in missing for k in skeys):
@@ -267,7 +288,7 @@ def _run_chunk(clf, x, digests, chunk_id, keys: _Keys, missing: set, plan: Plan,
                         record,
                         seconds,
                     )
-                    written += store.put(row)
+                    written += emit(row)
     return written
 
 
