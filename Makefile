@@ -10,7 +10,7 @@ BUILDER_STAMP := $(VENV)/.builder
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e ".[torch,tf,dev]"
+	$(BIN)/pip install -q -e ".[torch,tf,dev,ray]"
 	touch $@
 
 # The builder venv (onnxruntime-training-cpu 1.19.2) lives apart from the main one.

@@ -66,7 +66,7 @@ def _compute_seconds(db: Path) -> float:
 
 
 def _commit_seconds(db: Path, tmp: Path) -> float:
-    """The driver's cost to commit one row (its own transaction, synchronous=FULL), median."""
+    """The driver's cost to commit one row (its own transaction, synchronous=NORMAL), median."""
     from engine.audit import AuditStore
 
     with AuditStore(db, create=False) as src:
