@@ -12,6 +12,7 @@ so the number of photos each SIC/AIC mean covers is printed beside it.
 from __future__ import annotations
 
 import argparse
+import json
 import time
 from pathlib import Path
 
@@ -29,7 +30,9 @@ def main(argv=None) -> int:
 
     demo = Path(args.demo)
     clf = engine.load(demo / "efficientnet_lite0.onnx")
-    paths = sorted((demo / "photos").glob("*.png"))
+    # the photos in the order the maps were computed (the explain record keeps it)
+    with np.load(demo / "explain" / "saliency" / "maps.npz", allow_pickle=False) as z:
+        paths = [im["path"] for im in json.loads(str(z["record"]))["images"]]
     x, _ = read_images(paths, clf.input_shape, clf.layout, clf.input_range)
     targets = resolve_target(clf, x, None)
     metrics = {
@@ -44,6 +47,9 @@ def main(argv=None) -> int:
             continue
         with np.load(folder / "maps.npz", allow_pickle=False) as z:
             maps = z["attributions"]
+            order = [im["path"] for im in json.loads(str(z["record"]))["images"]]
+        if order != paths:
+            raise SystemExit(f"{folder}: maps of other images than {paths}")
         row = {"method": folder.name}
         for metric, params in metrics.items():
             start = time.perf_counter()
