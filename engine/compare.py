@@ -18,6 +18,7 @@ from scipy.stats import spearmanr
 
 from .errors import InputError
 from .metrics.ssim import ssim
+from .postprocess import min_max
 
 
 @dataclass
@@ -104,18 +105,13 @@ def explanation_agreement(
                 "max_abs_diff_relative": float(np.abs(fa - fb).max() / scale),
             }
         )
-        scaled.append([_minmax(ha[i]), _minmax(hb[i])])
+        scaled.append([min_max(ha[i]), min_max(hb[i])])
     pairs = np.asarray(scaled)  # (N, 2, H, W)
     win = min(11, *(d if d % 2 else d - 1 for d in ha.shape[1:]))
     values = ssim(pairs[:, :1], pairs[:, 1:], data_range=1.0, win_size=max(win, 1))
     for row, s in zip(rows, values):
         row["ssim"] = float(s)
     return rows
-
-
-def _minmax(h: np.ndarray) -> np.ndarray:
-    lo, hi = h.min(), h.max()
-    return np.zeros_like(h) if hi <= lo else (h - lo) / (hi - lo)
 
 
 def aggregate(rows: list[dict]) -> dict:

@@ -15,7 +15,7 @@ from collections import defaultdict
 import numpy as np
 from PIL import Image
 
-from ..compare import aggregate, explanation_agreement, logit_agreement
+from ..compare import aggregate, explanation_agreement, heatmaps, logit_agreement
 from ..report import heatmap, html
 from .store import AuditStore
 
@@ -152,17 +152,9 @@ def compare_stores(a: AuditStore, b: AuditStore, *, top_fraction: float = 0.05) 
         db = mb.get(key)
         if db is None:
             continue
-        ha = heatmap_2d_sum(da, layout_a)
-        hb = heatmap_2d_sum(db, layout_b)
-        row = explanation_agreement(ha[None], hb[None], None, top_fraction=top_fraction)[0]
+        # each map reduced in its own model's layout (Σ|channels|), then compared as 2-D maps
+        ha, hb = heatmaps(da[None], layout_a), heatmaps(db[None], layout_b)
+        row = explanation_agreement(ha, hb, None, top_fraction=top_fraction)[0]
         methods[key[1]].append({"image": key[0], **row})
     result["methods"] = {m: {"per_image": rows, "aggregate": aggregate(rows)} for m, rows in methods.items()}
     return result
-
-
-def heatmap_2d_sum(m: np.ndarray, layout: str | None) -> np.ndarray:
-    """Σ|channels| of one map in its own layout (2-D maps as they are)."""
-    m = np.abs(np.asarray(m, np.float64))
-    if m.ndim == 3:
-        return m.sum(axis=0 if layout == "NCHW" else -1)
-    return m

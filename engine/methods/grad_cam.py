@@ -5,30 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine import perturb
 from engine.methods.common import Target, prepare
 from engine.perturb import spatial_axes
 from engine.protocol import ClassifierLike
 
 
-def _linear_weights(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of 1-D linear interpolation, torch ``align_corners=False``:
-    source = (dst + 0.5)·n_in/n_out − 0.5, clamped at 0, neighbours clamped at the last index."""
-    src = np.maximum((np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5, 0.0)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
-    i1 = np.minimum(i0 + 1, n_in - 1)
-    lam = src - i0
-    m = np.zeros((n_out, n_in))
-    np.add.at(m, (np.arange(n_out), i0), 1.0 - lam)
-    np.add.at(m, (np.arange(n_out), i1), lam)
-    return m
-
-
 def upsample_bilinear(maps: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     """Bilinear resize of (N, h, w) maps to (N, H, W), like ``F.interpolate(mode="bilinear",
     align_corners=False)`` (torch's default, which captum uses)."""
-    rows = _linear_weights(maps.shape[1], size[0])
-    cols = _linear_weights(maps.shape[2], size[1])
-    return np.einsum("Hh,nhw,Ww->nHW", rows, maps, cols)
+    return perturb.upsample_bilinear(maps, size, align_corners=False)
 
 
 def grad_cam(

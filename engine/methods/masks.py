@@ -24,23 +24,14 @@ import numpy as np
 
 from engine.errors import ParameterError
 from engine.methods.common import output_scores
+from engine.perturb import bilinear_matrix
 from engine.protocol import ClassifierLike
 
 
 def align_corners_matrix(n_in: int, n_out: int) -> np.ndarray:
-    """(n_out, n_in) matrix of 1-D linear interpolation with ``align_corners=True``:
-    source = dst·(n_in − 1)/(n_out − 1) (0 when n_out == 1), float64."""
-    m = np.zeros((n_out, n_in))
-    if n_in == 1:
-        m[:, 0] = 1.0
-        return m
-    src = np.arange(n_out) * ((n_in - 1) / (n_out - 1)) if n_out > 1 else np.zeros(1)
-    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 2)
-    lam = src - i0
-    rows = np.arange(n_out)
-    np.add.at(m, (rows, i0), 1.0 - lam)
-    np.add.at(m, (rows, i0 + 1), lam)
-    return m
+    """(n_out, n_in) matrix of 1-D linear interpolation with ``align_corners=True`` (the one in
+    ``engine.perturb``, which the metrics share), float64."""
+    return bilinear_matrix(n_in, n_out, align_corners=True)
 
 
 class Upsampler:
