@@ -80,6 +80,9 @@ def build(req):
     from onnxruntime.capi import _pybind_state as C
 
     _register_rule(C, req.get("rule", "gradient"))
+    import ops_unary  # sibling file (this script's folder is on sys.path): Atan, Floor, ... gradients
+
+    ops_unary.register(C)
     with open(req["model"], "rb") as f:
         data = f.read()
     builder = C.GradientGraphBuilder(data, {req["loss"]}, set(req["wrt"]), req["loss"])

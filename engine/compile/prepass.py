@@ -837,3 +837,8 @@ _REWRITES = {
 }
 
 __all__ = ["prepass", "upgrade_opset", "UnsupportedModelError"]
+
+# issue #9 §1: rewrites kept in their own modules (engine/compile/ops_*.py)
+from . import ops_reduce  # noqa: E402
+
+_REWRITES.update(ops_reduce.REWRITES)
