@@ -24,8 +24,6 @@ TARGET_MIN_OPSET = 16
 
 # Ops with no gradient in the builder and no rewrite here, with the advice given to the user.
 REFUSED = {
-    "Resize": "the builder emits ResizeGrad, which has no kernel; export the model with a fixed "
-    "input size and resize outside the model",
     "Upsample": "as Resize: resize outside the model",
     "Loop": "control flow cannot be differentiated; export a model without Loop",
     "If": "control flow cannot be differentiated; export with constant conditions folded",
@@ -839,6 +837,6 @@ _REWRITES = {
 __all__ = ["prepass", "upgrade_opset", "UnsupportedModelError"]
 
 # issue #9 §1: rewrites kept in their own modules (engine/compile/ops_*.py)
-from . import ops_reduce  # noqa: E402
+from . import ops_reduce, ops_resize  # noqa: E402
 
-_REWRITES.update(ops_reduce.REWRITES)
+_REWRITES.update({**ops_reduce.REWRITES, **ops_resize.REWRITES})
