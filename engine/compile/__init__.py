@@ -18,7 +18,7 @@ import onnx
 from .. import __version__
 from ..errors import InputError
 from ..modelfile import ModelFile, read_model
-from . import builder, head, ste
+from . import builder, head, ops_shapes, ste
 from .graph import (
     eliminate_dead_code,
     infer_shapes,
@@ -112,8 +112,10 @@ def compile_model(
     built = _build(headed, mf, tap, rule, where)
     ste.restore(built, qdq_pairs, qdq_tensors)
     full_shapes = _shapes_for_lowering(headed, built)
+    ops_shapes.complete(fwd, built, full_shapes, mf.input_name, head.gradient_name)
     try:
         lowered_ops = lower(built, full_shapes)
+        ops_shapes.portable(built)
     except LoweringError as e:
         raise LoweringError(f"{where}: {e}") from e
     if qdq_pairs:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from . import builder, head
+from . import builder, head, ops_shapes
 from .graph import attrs
 from .lower import LoweringError
 from .scratch import scratch_dir
@@ -98,7 +98,7 @@ def _static_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 
 def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
-    reasons = known_bad_kernels(headed)
+    reasons = known_bad_kernels(headed) + ops_shapes.unknown_pool_dims(headed)
     if reasons:
         return {"status": "skipped", "reason": "; ".join(reasons[:3])}
     import onnxruntime as ort
