@@ -862,3 +862,6 @@ def lower(model: onnx.ModelProto, shapes: dict) -> list[str]:
     model.graph.node.extend(out_nodes)
     model.graph.initializer.extend(ctx.new_initializers)
     return lowered
+
+
+from . import ops_gather  # noqa: E402, F401  (issue #9 §1: registers its lowerings)

@@ -837,6 +837,6 @@ _REWRITES = {
 __all__ = ["prepass", "upgrade_opset", "UnsupportedModelError"]
 
 # issue #9 §1: rewrites kept in their own modules (engine/compile/ops_*.py)
-from . import ops_reduce, ops_resize  # noqa: E402
+from . import ops_einsum, ops_reduce, ops_resize  # noqa: E402
 
-_REWRITES.update({**ops_reduce.REWRITES, **ops_resize.REWRITES})
+_REWRITES.update({**ops_reduce.REWRITES, **ops_resize.REWRITES, **ops_einsum.REWRITES})
