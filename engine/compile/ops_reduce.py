@@ -70,7 +70,7 @@ def _all_axes(ctx, x, axes):
 
 
 def _reduce_prod(node, ctx, where):
-    """Product along each reduced axis as a balanced tree of Muls of halves (Slice keeps the
+    """Product along each reduced axis as a balanced tree of Muls of halves (Split keeps the
     axis): the builder differentiates Mul exactly, zeros included (torch's prod backward), where
     prod / x would divide by zero. Needs the reduced sizes to be static."""
     x, out = node.input[0], node.output[0]
@@ -86,25 +86,22 @@ def _reduce_prod(node, ctx, where):
         return [node]
     f = ctx.fresh
     nodes, cur = [], x
-
-    def piece(src, start, stop, axis):
-        name = f("prod_slice")
-        c = lambda v: ctx.const(np.array([v], np.int64))  # noqa: E731
-        nodes.append(helper.make_node("Slice", [src, c(start), c(stop), c(axis)], [name]))
-        return name
-
     for axis in axes:
         n, rest = dims[axis], []
         while n > 1:
+            # one Split, not Slices: onnxruntime 1.19's GatherSliceToSplitFusion gives two fused
+            # Splits the same name, and the builder's runtime then refuses the self-check graph
             h = n // 2
-            lo, hi = piece(cur, 0, h, axis), piece(cur, h, 2 * h, axis)
-            if n % 2:
-                rest.append(piece(cur, 2 * h, n, axis))
+            lo, hi = f("prod_lo"), f("prod_hi")
+            outs = [lo, hi] + ([f("prod_rest")] if n % 2 else [])
+            split = ctx.const(np.array([h, h] + ([1] if n % 2 else []), np.int64), "split")
+            nodes.append(helper.make_node("Split", [cur, split], outs, axis=axis))
+            rest += outs[2:]
             cur = f("prod_half")
             nodes.append(helper.make_node("Mul", [lo, hi], [cur]))
             n = h
         for r in rest:
-            nxt = f("prod_rest")
+            nxt = f("prod_rest_mul")
             nodes.append(helper.make_node("Mul", [cur, r], [nxt]))
             cur = nxt
     return nodes + _finish(ctx, cur, axes, out, keepdims)
