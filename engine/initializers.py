@@ -8,7 +8,8 @@ their own names (the builder copies the forward graph), but two compile steps ba
 computed from weights, which must be recomputed from the new ones:
 
 * the flipped, channel-swapped kernel of a stride-1 ConvGrad (``compile.lower.flipped_kernel``);
-* the Mul/Add factors of an eval-mode BatchNormalization (``compile.prepass.batchnorm_factors``).
+* the Mul/Add factors of an eval-mode BatchNormalization (``compile.prepass.batchnorm_factors``);
+* the transposed MatMul weights of the MatMul gradients (``compile.ops_shapes``).
 
 ``derivations`` finds them in a compiled model by value (each is recomputed from the original
 weights and compared bit for bit), so nothing about the compiled file's naming is assumed.
@@ -32,7 +33,7 @@ BLOCK_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
 DISTRIBUTIONS = ("normal", "uniform")
 # Name hints of the compiler-made constants computed from weights (compile/lower.py, prepass.py).
-_BAKED_HINTS = ("conv_grad_kernel", "bn_a", "bn_b")
+_BAKED_HINTS = ("conv_grad_kernel", "bn_a", "bn_b", "const_transposed")
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,10 @@ class Derivation:
         return values[0]
 
 
+def _swap_last_axes(v: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(np.swapaxes(v, -1, -2))
+
+
 def _candidates(forward: onnx.ModelProto) -> list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]]:
     """Every constant the compiler may bake from forward weights, as (name hint, sources,
     compute); the hint is the one compile/lower.py and prepass.py give the constant's name."""
@@ -186,6 +191,11 @@ def _candidates(forward: onnx.ModelProto) -> list[tuple[str, tuple[str, ...], Ca
         if node.op_type == "Conv" and len(node.input) > 1:
             group = int(a.get("group", 1))
             found.append(("conv_grad_kernel", (node.input[1],), lambda w, g=group: flipped_kernel(w, g)))
+        elif node.op_type == "MatMul":  # Wᵀ of the MatMul gradients (compile/ops_shapes.py)
+            for w in node.input[:2]:
+                found.append(
+                    ("const_transposed", (w,), lambda v: np.ascontiguousarray(np.swapaxes(v, -1, -2)))
+                )
         elif node.op_type == "BatchNormalization" and len(node.input) >= 5:
             eps = float(a.get("epsilon", 1e-5))
             srcs = tuple(node.input[1:5])

@@ -313,3 +313,35 @@ def test_vit_gradient_model_runs_on_openvino(zoo_onnx, tmp_path):
         got[runtime] = clf.gradient(x, target, output="probability")[1]
         assert relative_error(got[runtime], want) < 1e-5, runtime
     assert relative_error(got["openvino"], got["onnxruntime"]) < 1e-5
+
+
+@pytest.mark.slow
+def test_transposed_weights_follow_replaced_initializers(tmp_path):
+    """The MatMul gradients' Wᵀ is stored as its own constant (for OpenVINO); replacing the
+    weights (the sanity checks' re-initialisation) recomputes it: the gradient equals that of a
+    model file compiled afresh with the new weights."""
+    torch.manual_seed(2)
+    module = Head(nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 4)), (3, 4))
+    path = export(module, (3, 4), tmp_path)
+    clf = engine.load(path, providers=["CPUExecutionProvider"])
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 4)).astype(np.float32)
+    target = np.array([1, 3])
+    clf.gradient(x, target)
+    grad_model = clf._compiled[("gradient", None)][0]
+    grad_model = onnx.load_from_string(grad_model) if isinstance(grad_model, bytes) else grad_model
+    assert any("const_transposed" in i.name for i in grad_model.graph.initializer)
+    model = onnx.load(path)
+    weights = {
+        n.input[1]: numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == n.input[1]))
+        for n in model.graph.node
+        if n.op_type == "MatMul"
+    }
+    rng = np.random.default_rng(1)
+    new = {k: rng.normal(size=v.shape).astype(np.float32) for k, v in weights.items()}
+    _, got = clf.with_initializers(new).gradient(x, target)
+    for init in model.graph.initializer:
+        if init.name in new:
+            init.CopyFrom(numpy_helper.from_array(new[init.name], init.name))
+    onnx.save(model, tmp_path / "replaced.onnx")
+    _, want = engine.load(tmp_path / "replaced.onnx", providers=["CPUExecutionProvider"]).gradient(x, target)
+    assert relative_error(got, want) <= 1e-6

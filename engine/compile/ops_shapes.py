@@ -232,30 +232,54 @@ def drop_empty_reductions(model: onnx.ModelProto) -> int:
     return count
 
 
+TRANSPOSED_HINT = "const_transposed"  # engine.initializers recomputes these from replaced weights
+
+
 def fold_constant_transposes(model: onnx.ModelProto) -> int:
-    """Transpose of an initializer -> a transposed initializer. The lowered MatMul gradients
-    multiply by Wᵀ through Transpose(W) while the forward MatMul reads W itself; OpenVINO 2026.4's
-    CPU plugin computes that second MatMul wrong (34% of scale on a small ViT) when both share the
-    constant. A constant of its own is exact on every runtime (onnxruntime folds it anyway).
-    Returns how many were folded."""
+    """Transpose of an initializer -> a transposed initializer (named with TRANSPOSED_HINT, so
+    ``engine.initializers`` finds it and recomputes it when weights are replaced). The lowered
+    MatMul gradients multiply by Wᵀ through Transpose(W) while the forward MatMul reads W itself;
+    OpenVINO 2026.4's CPU plugin computes that second MatMul wrong (34% of scale on a small ViT)
+    when both share the constant. A constant of its own is exact on every runtime (onnxruntime
+    folds the Transpose anyway). Returns how many were folded."""
     from onnx import numpy_helper
 
-    inits = {i.name: i for i in model.graph.initializer}
-    graph_inputs = {i.name for i in model.graph.input}
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    graph_inputs = {i.name for i in g.input}
+    used = {n for node in g.node for n in (*node.input, *node.output)} | set(inits)
+    renamed: dict[str, str] = {}
     keep = []
-    for node in model.graph.node:
+    for node in g.node:
         if node.op_type != "Transpose" or node.input[0] not in inits or node.input[0] in graph_inputs:
             keep.append(node)
             continue
         value = numpy_helper.to_array(inits[node.input[0]])
         perm = attrs(node).get("perm", list(range(value.ndim))[::-1])
-        folded = numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), node.output[0])
-        model.graph.initializer.append(folded)
-    count = len(model.graph.node) - len(keep)
-    if count:
-        del model.graph.node[:]
-        model.graph.node.extend(keep)
-    return count
+        k = len(renamed)
+        while f"onnxplain/{TRANSPOSED_HINT}_{k}" in used:
+            k += 1
+        name = f"onnxplain/{TRANSPOSED_HINT}_{k}"
+        used.add(name)
+        renamed[node.output[0]] = name
+        g.initializer.append(numpy_helper.from_array(np.ascontiguousarray(value.transpose(perm)), name))
+    if not renamed or any(o.name in renamed for o in g.output):
+        return 0 if not renamed else _undo(model, renamed)
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    del g.node[:]
+    g.node.extend(keep)
+    return len(renamed)
+
+
+def _undo(model, renamed) -> int:
+    """A transposed constant that is itself a graph output: leave the graph as it was."""
+    inits = [i for i in model.graph.initializer if i.name not in set(renamed.values())]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(inits)
+    return 0
 
 
 def portable(model: onnx.ModelProto) -> dict:
