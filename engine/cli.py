@@ -425,8 +425,12 @@ def _cmd_evaluate(args) -> int:
     mparams, sparams = _audit_params(args, methods, metrics)
     out = Path(args.out) if args.out else None
     images = expand_paths(args.images) if args.images else []
+    if args.boxes and "pointing_game" not in metrics:
+        raise UsageError("--boxes is the pointing game's ground truth: add --metric pointing_game")
+    if args.boxes and ({"boxes", "masks"} & set(sparams.get("pointing_game", {}))):
+        raise UsageError("give the pointing game's boxes either with --boxes or with --param, not both")
     if out is not None:
-        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, *images], "-o")
+        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, args.boxes, *images], "-o")
     clf = _load(args)
     target = _target(args.target, clf.labels, clf.num_classes)
     if args.maps:
@@ -443,6 +447,10 @@ def _cmd_evaluate(args) -> int:
             {"path": str(p), "sha256": file_sha256(p), "decoded": d.to_dict()}
             for p, d in zip(images, decoded)
         ]
+    if args.boxes:
+        from .groundtruth import boxes_for_images, read_boxes_file
+
+        sparams["pointing_game"]["boxes"] = boxes_for_images(read_boxes_file(args.boxes), info, args.boxes)
     summary = evaluate_to_dir(
         clf,
         x,
@@ -734,6 +742,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="method/metric parameters as a JSON object")
     p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
     p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument(
+        "--boxes",
+        help='pointing game ground truth: JSON {"image.jpg": [[x_min, y_min, x_max, y_max], ...]} '
+        "in the image's own pixels (inclusive), of the explained class",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
