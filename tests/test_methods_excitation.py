@@ -367,3 +367,19 @@ def test_compiled_model_metadata(vgg):
     graph = onnx.load_from_string(clf._compiled[("excitation", None)][0]).graph
     assert {i.name for i in graph.input} >= {clf._mf.input_name}
     assert not any(i.name == "onnxplain_excitation_constant" for i in graph.input)
+
+
+def test_replaced_weights_change_the_rule(vgg):
+    """Classifier.with_initializers (the sanity checks' re-draws): W+ follows the new weights."""
+    net, clf = vgg
+    weights = [i.name for i in clf.onnx_model.graph.initializer if len(i.dims) == 4]
+    name = weights[1]  # the second convolution's kernel
+    new = np.random.default_rng(6).normal(0, 0.2, tuple(net[2].weight.shape)).astype(np.float32)
+    changed = clf.with_initializers({name: new})
+    other = build("vgg_block")
+    with torch.no_grad():
+        other[2].weight.copy_(torch.from_numpy(new))
+    x, target = _batch((3, 32, 32), n=2, seed=7), np.array([3, 8])
+    ref = torch_mwp(other, x, target, "input", "4", True)
+    assert relative_error(_p(changed, x, target, "input", True), ref) <= TOL
+    assert relative_error(_p(clf, x, target, "input", True), ref) > 1e-2

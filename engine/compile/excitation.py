@@ -295,7 +295,10 @@ class _Builder:
             raise _refuse(self.where, node, "a constant divided by an activation")
         scale = np.asarray(value, np.float64)
         scale = 1.0 / scale if op == "Div" else scale
-        positive = self.ctx.const(np.maximum(scale, 0).astype(np.float32), "scale_pos")
+        s_name = node.input[1] if first else node.input[0]
+        if op == "Div":
+            s_name = self.emit("Reciprocal", [s_name], "inverse")
+        positive = self.emit("Relu", [s_name], "scale_pos")  # in the graph: see linear()
         if x in self.nonneg:
             coefficient = positive
         else:
@@ -331,15 +334,20 @@ class _Builder:
         w = self.ctx.const_value(w_name)
         if w is None:
             raise _refuse(self.where, node, "its weight is not a constant")
-        w = np.asarray(w, np.float64)
+        # W+ is computed in the graph from the weights' own initializers (onnxruntime folds it
+        # when a session is built), so Classifier.with_initializers (the sanity checks) changes
+        # it with the weights instead of leaving a stale copy
+        w_expr = w_name
         if op == "Gemm":
             if a.get("transA", 0):
                 raise _refuse(self.where, node, "transA=1")
-            w = w * float(a.get("alpha", 1.0))
+            if float(a.get("alpha", 1.0)) != 1.0:
+                alpha = self.ctx.const(np.float32(a.get("alpha", 1.0)), "alpha")
+                w_expr = self.emit("Mul", [w_expr, alpha], "w_alpha")
             out_axis = 0 if a.get("transB", 0) else 1  # the axis of w holding output units
         elif op == "MatMul":
-            if w.ndim != 2:
-                raise _refuse(self.where, node, f"a weight of rank {w.ndim} (2 needed)")
+            if np.ndim(w) != 2:
+                raise _refuse(self.where, node, f"a weight of rank {np.ndim(w)} (2 needed)")
             out_axis = 1
         else:
             out_axis = 0
@@ -354,34 +362,37 @@ class _Builder:
             const = self.const_operand_of(nxt, end)
             if const is None:
                 break
-            value, first = const
+            value, first, name = const
             vec = self._per_channel(value, nxt.output[0], channel_axis)
             if vec is None or (nxt.op_type in ("Sub", "Div") and not first):
                 break
             if nxt.op_type in ("Mul", "Div"):
-                vec = 1.0 / vec if nxt.op_type == "Div" else vec
-                shape = [1] * w.ndim
+                if nxt.op_type == "Div":
+                    name = self.emit("Reciprocal", [name], "w_inverse")
+                shape = [1] * np.ndim(w)
                 shape[out_axis] = -1
-                w = w * vec.reshape(shape)
+                scale = self.emit("Reshape", [name, self.ctx.const(np.array(shape, np.int64))], "w_scale")
+                w_expr = self.emit("Mul", [w_expr, scale], "w_folded")
             self.skip.add(id(nxt))
             end = nxt.output[0]
         h_in, a_in = self.positive_input(x)
         if end == self.logits or self._structural_tail(end) is not None:
-            self.top = (node, w, h_in, a_in, end)
+            self.top = (node, w_expr, h_in, a_in, end)
             return
-        w_pos = self.ctx.const(np.maximum(w, 0).astype(np.float32), "w_pos")
+        w_pos = self.emit("Relu", [w_expr], "w_pos")
         z = self._linear_op(node, a_in, w_pos, "z")
         hz = self._linear_op(node, h_in, w_pos, "h_lin")
         self.set_h(end, self.emit("Mul", [hz, self.safe_div(end, z)], "h_linear"))
 
     def const_operand_of(self, node, tensor):
-        """(constant value, tensor is the first operand) when ``node`` combines ``tensor`` with a constant."""
+        """(constant value, whether ``tensor`` is the first operand, the constant's name) when
+        ``node`` combines ``tensor`` with a constant, else None."""
         a, b = node.input[0], node.input[1]
         other, first = (b, True) if a == tensor else (a, False)
         if other == tensor:
             return None
         value = self.ctx.const_value(other)
-        return None if value is None else (value, first)
+        return None if value is None else (value, first, other)
 
     def _linear_op(self, node, x: str, w: str, hint: str) -> str:
         out = self.ctx.fresh(hint)
@@ -415,8 +426,8 @@ class _Builder:
         for t in tail:
             self.skip.add(id(t))
         terms = []
-        for sign, hint in ((1.0, "target"), (-1.0, "dual")):
-            weight = self.ctx.const(np.maximum(sign * w, 0).astype(np.float32), f"w_{hint}")
+        for negate, hint in ((False, "target"), (True, "dual")):
+            weight = self.emit("Relu", [self.emit("Neg", [w], "w_negated") if negate else w], f"w_{hint}")
             z = self._linear_op(node, a_in, weight, f"z_{hint}")
             hz = self._linear_op(node, h_in, weight, f"h_{hint}")
             p = self.emit("Mul", [hz, self.safe_div(None, z)], f"p_{hint}")
