@@ -109,17 +109,6 @@ def case(method: str, ways: str, model: str = "twin", **kw: Any) -> Case:
     return Case(method, ways, model, params, **kw)
 
 
-_SMOOTHGRAD_NOISE = (
-    "SmoothGrad draws its noise in the model's own layout (standard_normal((N, samples, "
-    "*input_shape)), so it replays captum's NCHW and PAIR's HWC draws): the twins get different "
-    "noise for the same seed and their maps differ by Monte Carlo error, measured 0.64 of scale "
-    "at 4 samples"
-)
-_UNIFORM_BASELINE = (
-    'baseline="uniform" draws its pixels in the model\'s own layout (uniform(size=x.shape), '
-    "engine.perturb.make_baseline): the twins integrate from different baselines, measured 1.2 of "
-    "scale"
-)
 _OPENVINO_MATMUL = (
     "the Keras twin's Dense layer is a MatMul: its gradient's ReduceSum takes axes computed at run "
     "time (BroadcastGradientArgs over a builder tensor with no recorded shape), which OpenVINO "
@@ -130,10 +119,10 @@ CASES: list[Case] = [
     # -- PyTorch twin vs Keras twin: every registered method ----------------------------------
     case("saliency", "torch-keras"),
     case("gradient_x_input", "torch-keras"),
-    case("smoothgrad", "torch-keras", xfail=_SMOOTHGRAD_NOISE),
+    case("smoothgrad", "torch-keras"),  # noise drawn channel-first for both layouts
     *(case("integrated_gradients", "torch-keras", params={"quadrature": q, "steps": 8}) for q in QUADRATURES),
     case("integrated_gradients", "torch-keras", params=_IDGI, tolerance=CANCELLING),
-    case("integrated_gradients", "torch-keras", params={"baseline": "uniform"}, xfail=_UNIFORM_BASELINE),
+    case("integrated_gradients", "torch-keras", params={"baseline": "uniform"}),
     case("blur_ig", "torch-keras"),
     case("blur_ig", "torch-keras", params=_IDGI, tolerance=CANCELLING),
     case("guided_ig", "torch-keras"),
