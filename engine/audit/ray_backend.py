@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import queue
 import threading
@@ -133,9 +134,21 @@ class AuditWorker:
     """One actor: a Classifier built from shipped bytes, computing work units."""
 
     def __init__(
-        self, model: bytes, sha256: str, pin: bool, gradients: list[bytes], threads: int, batch_size: int
+        self,
+        model: bytes,
+        sha256: str,
+        pin: bool,
+        gradients: list[bytes],
+        threads: int,
+        batch_size: int,
+        max_pixels: int,
     ) -> None:
+        from ..images import MAX_PIXELS_VAR
         from ..model import load
+
+        # the driver's image pixel limit, not the node's: the decoder reads it from the environment
+        # (this process is the actor's alone)
+        os.environ[MAX_PIXELS_VAR] = str(max_pixels)
 
         # the driver's batch size: the runtime sees the same batches as a one-machine audit
         self.clf = load(model, threads=threads, batch_size=batch_size)
@@ -241,7 +254,9 @@ def audit_on_ray(
     handles once they are up (monitoring, tests).
     Returns the same ``Summary`` as ``audit``; ``computed`` counts rows this driver committed.
     """
+    from ..images import DEFAULT_MAX_PIXELS, MAX_PIXELS_VAR
     from ..model import load
+    from ..providers import env_int
     from ..report.record import file_sha256, versions
 
     plan.validate()
@@ -309,6 +324,9 @@ def audit_on_ray(
         else:
             ds = _dataset(dataset, read_cpus)
             source = _dataset_chunks(ds, clf, plan, store, methods, metrics, counts, unit_timeout_s)
+        first = next(source, None)  # a Ray Data audit finds out here that nothing is left to do
+        if first is None:
+            return Summary(counts.images, counts.chunks, 0, counts.skipped, time.perf_counter() - start)
         actor_cls = ray.remote(
             num_cpus=cpus_per_worker,
             num_gpus=gpus_per_worker,
@@ -317,13 +335,15 @@ def audit_on_ray(
         )(AuditWorker)
         refs = (ray.put(model), ray.put(gradients))
         threads = max(1, int(cpus_per_worker))
-        init = (refs[0], model_sha, pin, refs[1], threads, clf.batch_size)
+        max_pixels = env_int(MAX_PIXELS_VAR, DEFAULT_MAX_PIXELS, minimum=1)
+        init = (refs[0], model_sha, pin, refs[1], threads, clf.batch_size, max_pixels)
         pool = [actor_cls.remote(*init) for _ in range(workers)]
         ray.get([a.pid.remote() for a in pool], timeout=unit_timeout_s)  # up, or its error now
         if on_workers:
             on_workers(list(pool))
         total = sum(len(_units(m, k, store, with_maps=False)) for _, _, k, m in todo) if paths else None
-        computed = _drive(pool, source, plan, model_sha, store, retries, unit_timeout_s, progress, total)
+        chunks = itertools.chain([first], source)
+        computed = _drive(pool, chunks, plan, model_sha, store, retries, unit_timeout_s, progress, total)
     finally:
         if source is not None:
             source.close()  # a dataset's reading thread stops before the cluster does
