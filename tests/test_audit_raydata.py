@@ -191,7 +191,7 @@ def _cmd(model, photos, out, *extra):
         str(out),
         "--ray",
         "--workers",
-        "2",
+        "1",  # one actor: fewer processes to start on a loaded machine; test_audit_ray kills with two
         "--json",
         *extra,
     ]
@@ -200,7 +200,7 @@ def _cmd(model, photos, out, *extra):
 def _rows(db: Path) -> dict:
     try:
         return _tables(db)[0] if db.exists() else {}
-    except sqlite3.OperationalError:  # schema not created yet
+    except sqlite3.DatabaseError:  # being created: no schema yet, or not yet a database
         return {}
 
 
@@ -212,7 +212,9 @@ def test_the_driver_sigkilled_then_rerun_resumes_to_the_folder_audits_store(data
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "out"
     db = out / "audit.sqlite"
-    proc = subprocess.Popen(_cmd(model, photos, out), env=env, start_new_session=True)
+    log = tmp_path / "stderr.txt"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen(_cmd(model, photos, out), env=env, start_new_session=True, stderr=err)
     left: dict = {}
     try:
         deadline = time.monotonic() + 120
@@ -221,7 +223,7 @@ def test_the_driver_sigkilled_then_rerun_resumes_to_the_folder_audits_store(data
                 proc.send_signal(signal.SIGKILL)
                 break
             time.sleep(0.01)
-        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert proc.wait(timeout=60) == -signal.SIGKILL, log.read_text()[-3000:]
     finally:
         # as in test_audit_ray: the cluster dies with its driver; agents still starting up may not
         deadline = time.monotonic() + 30
