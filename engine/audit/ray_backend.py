@@ -8,7 +8,9 @@ method that draws noise per chunk draws the same noise). The driver:
   then ships the model bytes and the gradient-model bytes to the actors through Ray's object
   store: compile once, explain anywhere; workers need no builder;
 - computes which keys are missing, decodes only the chunks with work and ships the decoded
-  inputs as arrays (workers need no access to the image files);
+  inputs as arrays (workers need no access to the image files); or, with images from Ray Data
+  (``dataset=``), takes the files' bytes chunk by chunk from the dataset, hashes them, skips the
+  chunks that are done and ships the bytes, which the actors decode with ``engine.images``;
 - sends work units — one chunk × one method of the plan (its metrics included; the chunk's
   predictions go with its first unit) — to the actors, at most two in flight per actor, and
   writes each row it gets back in its own transaction. A driver killed at any moment loses only
