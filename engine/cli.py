@@ -485,11 +485,13 @@ def _cmd_evaluate(args) -> int:
             raise UsageError(f"-m/--method {m!r} is not a method; known: {', '.join(METHODS)}")
     mparams, sparams = _audit_params(args, methods, metrics)
     out = Path(args.out) if args.out else None
-    # With --ray-data the IMAGES are Ray Data's to list (URIs, folders); only local patterns are
-    # expanded (by the Ray backend), and nothing is read here.
-    images = [] if args.ray_data else expand_paths(args.images)
+    images = expand_paths(args.images) if args.images else []
+    if args.boxes and "pointing_game" not in metrics:
+        raise UsageError("--boxes is the pointing game's ground truth: add --metric pointing_game")
+    if args.boxes and ({"boxes", "masks"} & set(sparams.get("pointing_game", {}))):
+        raise UsageError("give the pointing game's boxes either with --boxes or with --param, not both")
     if out is not None:
-        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, *images], "-o")
+        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, args.boxes, *images], "-o")
     clf = _load(args)
     target = _target(args.target, clf.labels, clf.num_classes)
     if args.maps:
@@ -506,6 +508,10 @@ def _cmd_evaluate(args) -> int:
             {"path": str(p), "sha256": file_sha256(p), "decoded": d.to_dict()}
             for p, d in zip(images, decoded)
         ]
+    if args.boxes:
+        from .groundtruth import boxes_for_images, read_boxes_file
+
+        sparams["pointing_game"]["boxes"] = boxes_for_images(read_boxes_file(args.boxes), info, args.boxes)
     summary = evaluate_to_dir(
         clf,
         x,
@@ -787,9 +793,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("evaluate", help="score methods' maps with metrics (insertion, deletion, SIC, ...)")
     p.add_argument("model")
-    p.add_argument(
-        "images", nargs="+", help="image files, folders or glob patterns (with --ray-data: also URIs)"
-    )
+    p.add_argument("images", nargs="*", help="image files, folders or glob patterns")
     p.add_argument("-m", "--method", action="append", help="repeat for several (default saliency)")
     p.add_argument("--maps", help="score the maps of an `explain -o FILE.npz` instead")
     p.add_argument("--metric", action="append", help="repeat for several")
@@ -799,6 +803,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="method/metric parameters as a JSON object")
     p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
     p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument(
+        "--boxes",
+        help='pointing game ground truth: JSON {"image.jpg": [[x_min, y_min, x_max, y_max], ...]} '
+        "in the image's own pixels (inclusive), of the explained class",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)

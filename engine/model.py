@@ -282,6 +282,16 @@ class Classifier:
             act, grad = act.transpose(0, 2, 3, 1), grad.transpose(0, 2, 3, 1)
         return scores, act, grad
 
+    def excitation(
+        self, x: np.ndarray, target, layer: str | None = None, contrastive: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (N,), activation A of ``layer``, gradient G of the excitation graph): the
+        marginal winning probability there is A · G (engine.compile.excitation). ``layer``: None
+        (the last convolutional feature map, as the graph holds it), "input", or a tensor name."""
+        from .compile.excitation import run
+
+        return run(self, x, target, layer, contrastive)
+
     # ------------------------------------------------------------------ internals
     def _feeds(self, x, targets, mix):
         if targets.ndim == 2:  # class weights given (checked in _check_target)

@@ -95,6 +95,10 @@ def compile_model(
     """
     mf = source if isinstance(source, ModelFile) else read_model(source)
     where = str(mf.path) if mf.path else "model"
+    if rule == "excitation":  # excitation backprop: a graph of its own (engine/compile/excitation.py)
+        from .excitation import compile_excitation
+
+        return compile_excitation(mf, layer, where)
     if rule not in ("gradient", "guided_backprop", "deconvnet"):
         raise InputError(f"unknown backward rule {rule!r}; use gradient, guided_backprop or deconvnet")
     fwd = prepass(mf.model, mf.input_name, where)
