@@ -368,6 +368,32 @@ class Classifier:
                 init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
         return model.SerializeToString()
 
+    def gradient_model_bytes(self, rule: str = "gradient", layer: str | None = None) -> bytes:
+        """The serialized gradient model of backward ``rule`` ("gradient", "guided_backprop",
+        "deconvnet"; ``layer``: the Grad-CAM tap, "auto" for the default one): the one given
+        (``gradient_model=``, :meth:`add_gradient_model`), else compiled now or taken from the
+        compiler cache. Another process loads it with :meth:`add_gradient_model` and needs no
+        builder (the Ray audit ships it to its workers). InputError where it was not given and no
+        builder is installed."""
+        key = (rule, layer)
+        if key not in self._compiled:
+            if not _builder_available():
+                raise InputError(
+                    f"no gradient model for rule {rule!r}{' layer ' + layer if layer else ''} was given "
+                    f"and no builder is installed; compile it with `onnxplain compile MODEL --rule {rule}`"
+                )
+            from .compile.cache import cached_gradient_model
+
+            data = cached_gradient_model(self._mf, rule=rule, layer=layer)
+            self._compiled[key] = (data, CompiledInfo.from_model(onnx.load_from_string(data)))
+        return self._compiled[key][0]
+
+    def add_gradient_model(self, source) -> None:
+        """Use the gradient model ``source`` (a path, bytes or ModelProto written by ``onnxplain
+        compile`` or :meth:`gradient_model_bytes`) for its rule and layer from now on. InputError
+        when it is not an onnxplain gradient model or was compiled from another model."""
+        self._add_gradient_model(source)
+
     def _add_gradient_model(self, source) -> None:
         if isinstance(source, onnx.ModelProto):
             model, where = source, "gradient model"
