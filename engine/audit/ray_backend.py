@@ -107,6 +107,9 @@ def _needed_gradients(plan: Plan) -> set[tuple[str, str | None]]:
             need.add((name, None))
         elif name == "grad_cam":
             need.add(("gradient", params.get("layer") or "auto"))
+        elif name == "excitation_backprop":  # its own graph, keyed as Classifier.excitation keys it
+            layer = params.get("layer")
+            need.add(("excitation", "auto" if layer is None else (None if layer == "input" else layer)))
         else:
             need.add(("gradient", None))
     return need
