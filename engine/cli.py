@@ -75,6 +75,7 @@ def _cmd_compile(args) -> int:
         f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
         f"{printable(', '.join(info.lowered_ops) or 'nothing')}; self-check {check['status']}"
     )
+    print(f"  passes: {printable(', '.join(f'{k} x{v}' for k, v in info.passes.items()) or 'none')}")
     if check.get("status") == "passed":
         g = check[info.input_gradient]
         print(
