@@ -521,7 +521,8 @@ def test_rewrite_gradients_through_the_builder(tmp_path):
     rewrite once per node it replaced."""
     import engine
     from engine.compile import CompiledInfo
-    from engine.compile.passes import COMPILE_PASSES
+    from engine.compile.passes import COMPILE_PASSES, TUNING_PASSES
+    from engine.compile.tuning import tune_for_onnxruntime
 
     path = tmp_path / "rewrites.onnx"
     onnx.save(_classifier_of_rewrites(), path)
@@ -547,6 +548,13 @@ def test_rewrite_gradients_through_the_builder(tmp_path):
         order.index(k.split("/")[0]) for k in info.passes
     )
     assert info.passes["build"] == 1 and info.passes["lower/SoftmaxGrad_13"] == 1
+    # tuning at load records every tuning pass; the Clip/HardSigmoid masks become Conv masks
+    tuned = CompiledInfo.from_model(
+        onnx.load_from_string(tune_for_onnxruntime(clf._compiled[("gradient", None)][0]))
+    )
+    assert list(tuned.tuned) == ["runtime", *(p.name for p in TUNING_PASSES)]
+    assert tuned.tuned["conv_masks"] >= 1 and tuned.tuned["eliminate_dead_code"] >= 1
+    assert tuned.passes == info.passes
 
 
 def test_every_rewrite_has_a_row():
