@@ -559,3 +559,13 @@ def test_rewrite_gradients_through_the_builder(tmp_path):
 
 def test_every_rewrite_has_a_row():
     assert {row["op"] for row in REWRITE_CASES.values()} == set(REWRITES)
+
+
+def test_backward_rules_table_is_the_public_list():
+    """The builder's gradient definitions (engine/compile/rules.py) cover exactly the rules the
+    Classifier and the CLI accept."""
+    from engine.compile.rules import BACKWARD_RULES
+    from engine.protocol import RULES
+
+    assert tuple(BACKWARD_RULES) == RULES
+    assert all(set(defs) == {"Relu", "Clip"} for defs in BACKWARD_RULES.values())
