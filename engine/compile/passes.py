@@ -19,6 +19,7 @@ pass is one function and one entry in a list.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +179,6 @@ def _build(c: Compilation) -> int:
 
 def explain_build_failure(e: Exception, where: str) -> Exception:
     """Name the node and op the builder could not differentiate."""
-    import re
-
     msg = str(e)
     found = re.search(r"not been registered: (\S+) for node (.+)", msg)
     if found:
