@@ -8,9 +8,8 @@ import torch
 import torch.nn as nn
 
 import engine
-from engine.compile import compile_to_file
+from engine.compile import UnsupportedModelError, compile_to_file
 from engine.compile.builder import BuilderError
-from engine.compile import UnsupportedModelError
 from engine.compile.tuning import tune_for_onnxruntime  # what an onnxruntime session runs
 from engine.model import InputError
 from engine.modelfile import ModelFileError
