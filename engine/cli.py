@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OnnxplainError, OverwriteError
+from .protocol import RULES
 from .text import printable
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -75,6 +76,7 @@ def _cmd_compile(args) -> int:
         f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
         f"{printable(', '.join(info.lowered_ops) or 'nothing')}; self-check {check['status']}"
     )
+    print(f"  passes: {printable(', '.join(f'{k} x{v}' for k, v in info.passes.items()) or 'none')}")
     if check.get("status") == "passed":
         g = check[info.input_gradient]
         print(
@@ -733,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write a standalone gradient model (explain anywhere)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--rule", default="gradient", choices=["gradient", "guided_backprop", "deconvnet"])
+    p.add_argument("--rule", default="gradient", choices=list(RULES))
     p.add_argument("--layer", help="tap a tensor for Grad-CAM ('auto': the last conv feature map)")
     p.add_argument("--no-self-check", action="store_true")
     p.set_defaults(func=_cmd_compile)

@@ -313,7 +313,7 @@ class Classifier:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             what = "the gradient model of" if key != "forward" else "the model"
             if key != "forward" and self.runtime == "onnxruntime":
-                from .compile.tune import tune_for_onnxruntime
+                from .compile.tuning import tune_for_onnxruntime
 
                 src = tune_for_onnxruntime(src)  # its NCHWc-tuned rewrites, exact on onnxruntime
             if self._overrides:
@@ -546,7 +546,7 @@ def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
     activations alive, plus a few gradient-sized temporaries of the largest tensor. A tensor whose
     shape is unknown counts as large as the input."""
     from .compile.graph import infer_shapes
-    from .compile.prepass import fold_constant_subgraphs
+    from .compile.rewrites import fold_constant_subgraphs
 
     shapes = infer_shapes(fold_constant_subgraphs(model))
     inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})

@@ -499,36 +499,46 @@ def rename_constant_input(built: onnx.ModelProto, input_name: str) -> None:
     g.input.extend(keep)
 
 
-def compile_excitation(mf, layer: str | None, where: str):
-    """The lowered excitation gradient model and its CompiledInfo (called by compile_model)."""
-    from pathlib import Path
+def _check(c) -> int:
+    """Refuse what the rule has no definition for, on the graph as given (before the rewrites
+    turn some of it into Mul/Add chains)."""
+    check_supported(c.model, c.source.input_name, c.where)
+    return 0
 
-    from .. import __version__
-    from . import COMPILER_VERSION, MAX_IR_VERSION, _set_meta, _shapes_for_lowering, builder
-    from .graph import eliminate_dead_code, opset_version, prune_opset_imports
-    from .lower import LoweringError, lower
-    from .optimize import lower_opset_to_13
-    from .prepass import prepass, upgrade_opset
-    from .scratch import scratch_dir
 
-    check_supported(upgrade_opset(mf.model, where), mf.input_name, where)
-    fwd = prepass(mf.model, mf.input_name, where)
+def _excitation_head(c) -> int:
+    """The excitation graph (two paths, the score head, the tap) replaces the loss head."""
+    from .domains import MAX_IR_VERSION
+
+    fwd, mf = c.model, c.source
     shapes = infer_shapes(fwd)
-    tap = None
-    if layer is not None:
-        tap = head.last_feature_map(fwd, shapes) if layer == "auto" else layer
-        if tap not in shapes:
+    if c.layer is not None:
+        c.tap = head.last_feature_map(fwd, shapes) if c.layer == "auto" else c.layer
+        if c.tap not in shapes:
             known = [n.output[0] for n in fwd.graph.node if n.op_type == "Conv"][-5:]
             raise InputError(
-                f"{where}: layer {tap!r} is not a tensor of the model (last Conv outputs: {known})"
+                f"{c.where}: layer {c.tap!r} is not a tensor of the model (last Conv outputs: {known})"
             )
-    headed = excitation_graph(fwd, mf.input_name, mf.output_name, mf.num_classes, mf.batch_dim, tap, where)
-    headed.ir_version = min(headed.ir_version, MAX_IR_VERSION)
-    # with a tap only its gradient is wanted: the backward stops there
-    wrt = [head.TAP_DELTA] if tap else [mf.input_name]
+    m = excitation_graph(fwd, mf.input_name, mf.output_name, mf.num_classes, mf.batch_dim, c.tap, c.where)
+    m.ir_version = min(m.ir_version, MAX_IR_VERSION)
+    c.headed = c.model = m
+    return 1
+
+
+def _excitation_build(c) -> int:
+    """The builder on the excitation graph with the plain gradient rule; with a tap only its
+    gradient is wanted (the backward stops there)."""
+    from pathlib import Path
+
+    from . import builder
+    from .passes import explain_build_failure
+    from .rules import gradient_definitions
+    from .scratch import scratch_dir
+
+    wrt = [head.TAP_DELTA] if c.tap else [c.source.input_name]
     with scratch_dir("excitation-") as tmp:
         src, dst = Path(tmp) / "head.onnx", Path(tmp) / "grad.onnx"
-        onnx.save(headed, src)
+        onnx.save(c.headed, src)
         try:
             builder.call(
                 {
@@ -537,19 +547,65 @@ def compile_excitation(mf, layer: str | None, where: str):
                     "output": str(dst),
                     "loss": head.LOSS,
                     "wrt": wrt,
-                    "rule": "gradient",
+                    "gradients": gradient_definitions("gradient"),
                 }
             )
         except builder.BuilderError as e:
-            raise builder.BuilderError(f"{where}: excitation graph build failed: {e}") from e
-        built = onnx.load(dst)
-    rename_constant_input(built, mf.input_name)
-    try:
-        lowered_ops = lower(built, _shapes_for_lowering(headed, built))
-    except LoweringError as e:
-        raise LoweringError(f"{where}: {e}") from e
-    from . import CompiledInfo
+            raise explain_build_failure(e, f"{c.where} (excitation graph)") from e
+        c.model = onnx.load(dst)
+    return 1
 
+
+def _rename_constant_input(c) -> int:
+    rename_constant_input(c.model, c.source.input_name)
+    return 1
+
+
+def _select_outputs(c) -> int:
+    g = c.model.graph
+    wanted = [c.source.output_name, head.SCORES]
+    wanted += (
+        [head.TAP, head.gradient_name(head.TAP_DELTA)] if c.tap else [head.gradient_name(c.source.input_name)]
+    )
+    by_name = {o.name: o for o in g.output}
+    outs = [by_name.get(n) or helper.make_empty_tensor_value_info(n) for n in wanted]
+    del g.output[:]
+    g.output.extend(outs)
+    return 1
+
+
+def excitation_passes() -> list:
+    """The compile pass list with the excitation graph in place of the loss head."""
+    from . import passes as p
+
+    return [
+        p.Pass("upgrade_opset", p._upgrade_opset),
+        p.Pass("excitation_check", _check),
+        p.Pass("fold_computed_pads", p._fold_computed_pads),
+        p.Pass("fold_constant_nodes", p._fold_constant_nodes),
+        p.Pass("rewrite", p._rewrite),
+        p.Pass("isolate_input", p._isolate_input),
+        p.Pass("excitation_head", _excitation_head),
+        p.Pass("build", _excitation_build),
+        p.Pass("rename_constant_input", _rename_constant_input),
+        p.Pass("lower", p._lower),
+        p.Pass("select_outputs", _select_outputs),
+        p.Pass("eliminate_dead_code", p._eliminate_dead_code),
+        p.Pass("topological_sort", p._topological_sort),
+        p.Pass("prune_opset_imports", p._prune_opset_imports),
+        p.Pass("opset_13", p._opset_13),
+    ]
+
+
+def compile_excitation(mf, layer: str | None, where: str):
+    """The lowered excitation gradient model and its CompiledInfo (called by compile_model)."""
+    from .. import __version__
+    from . import COMPILER_VERSION, CompiledInfo, _finish, builder
+    from .passes import Compilation, run_passes
+
+    c = Compilation(source=mf, model=mf.model, where=where, rule=RULE, layer=layer)
+    fired = run_passes(excitation_passes(), c)
+    tap = c.tap
     info = CompiledInfo(
         rule=RULE,
         input=mf.input_name,
@@ -561,7 +617,7 @@ def compile_excitation(mf, layer: str | None, where: str):
         tap=head.TAP if tap else None,
         tap_gradient=head.gradient_name(head.TAP_DELTA) if tap else None,
         source_sha256=mf.sha256,
-        lowered_ops=sorted(set(lowered_ops)),
+        lowered_ops=sorted(set(c.lowered_ops)),
         versions={
             "onnxplain": __version__,
             "compiler": COMPILER_VERSION,
@@ -570,26 +626,10 @@ def compile_excitation(mf, layer: str | None, where: str):
         },
         # the builder's own graph is no independent check of the rule: tests compare with torch
         self_check={"status": "not run", "reason": "excitation graph (tests compare it with a torch MWP)"},
+        passes=fired,
     )
-    g = built.graph
-    wanted = [info.logits, info.scores] + ([info.tap, info.tap_gradient] if tap else [info.input_gradient])
-    by_name = {o.name: o for o in g.output}
-    outs = [by_name.get(n) or helper.make_empty_tensor_value_info(n) for n in wanted]
-    del g.output[:]
-    g.output.extend(outs)
-    eliminate_dead_code(built)
-    topological_sort(built)
-    prune_opset_imports(built)
-    lower_opset_to_13(built, opset_version(built))
-    built.ir_version = min(built.ir_version, MAX_IR_VERSION)
-    del built.metadata_props[:]
-    built.metadata_props.extend(mf.model.metadata_props)
-    _set_meta(built, info)
-    try:
-        onnx.checker.check_model(built)
-    except onnx.checker.ValidationError as e:
-        raise LoweringError(f"{where}: lowered excitation graph failed onnx.checker: {e}") from e
-    return built, info
+    _finish(c.model, info, mf)
+    return c.model, info
 
 
 def run(classifier, x, target, layer: str | None, contrastive: bool):
