@@ -11,7 +11,10 @@ From the measured costs — compute per unit (the stored rows' seconds), Ray's r
 and the driver's commit per row — it prints what a cluster of GPU nodes would do; the GPU
 speed-up over one CPU thread is an assumption (``--gpu-speedup``), printed as such.
 
-    python -m bench.ray_audit [--images 16] [--chunk 2] [--samples 8] [--threads 2]
+With ``--ray-data`` it also runs 2 actors on the same files read by Ray Data (bytes shipped, the
+actors decode them): the cost of that input path against the driver decoding the files.
+
+    python -m bench.ray_audit [--images 16] [--chunk 2] [--samples 8] [--threads 2] [--ray-data]
 """
 
 from __future__ import annotations
@@ -87,6 +90,9 @@ def main(argv=None) -> dict:
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2, help="onnxruntime threads of the one-machine audit")
     parser.add_argument("--gpu-speedup", type=float, default=25.0, help="ASSUMED: a GPU vs one CPU thread")
+    parser.add_argument(
+        "--ray-data", action="store_true", help="also 2 workers with the images read by Ray Data (bytes)"
+    )
     parser.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = parser.parse_args(argv)
     work = prepare_workdir(args.workdir)
@@ -110,27 +116,29 @@ def main(argv=None) -> dict:
     start_local(num_cpus=2)
     try:
         results["ray_task_s"] = round_trip_seconds(200)
-        for workers in (1, 2):
+        # "2d": the same files read by Ray Data as bytes and decoded by the actors
+        for run, workers in ((1, 1), (2, 2), *([("2d", 2)] if args.ray_data else [])):
             mark: dict = {}
-            db = tmp / f"ray{workers}.sqlite"
+            db = tmp / f"ray{run}.sqlite"
             t0 = time.perf_counter()
             with AuditStore(db) as store:
                 audit_on_ray(
                     model,
-                    paths,
+                    None if run == "2d" else paths,
                     store,
                     plan,
+                    dataset=[str(q) for q in paths] if run == "2d" else None,
                     workers=workers,
                     cpus_per_worker=0.5,
                     on_workers=lambda pool, mark=mark: mark.setdefault("up", time.perf_counter()),
                 )
             end = time.perf_counter()
-            results[f"ray{workers}_startup_s"] = mark["up"] - t0
-            results[f"ray{workers}_s"] = end - mark["up"]
-            results[f"ray{workers}_rate"] = args.images / (end - mark["up"])
+            results[f"ray{run}_startup_s"] = mark["up"] - t0
+            results[f"ray{run}_s"] = end - mark["up"]
+            results[f"ray{run}_rate"] = args.images / (end - mark["up"])
             # units in progress at once, on average: compute seconds summed over the wall time
             busy = _compute_seconds(db)
-            results[f"ray{workers}_concurrency"] = busy / (end - mark["up"])
+            results[f"ray{run}_concurrency"] = busy / (end - mark["up"])
     finally:
         stop_local()
     unit, pred = _unit_seconds(tmp / "ray1.sqlite", args.chunk)
@@ -150,6 +158,12 @@ def main(argv=None) -> dict:
         print(
             f"  Ray, {w} worker(s) × 1 thread:        {r[f'ray{w}_rate']:.2f} images×methods/s "
             f"(actors up in {r[f'ray{w}_startup_s']:.1f} s, not counted)"
+        )
+    if args.ray_data:
+        r["ray_data_over_files"] = r["ray2d_rate"] / r["ray2_rate"]
+        print(
+            f"  Ray, 2 workers, images from Ray Data:  {r['ray2d_rate']:.2f} images×methods/s "
+            f"({r['ray_data_over_files']:.2f}x the files decoded by the driver)"
         )
     met = "met" if r["scaling_2_over_1"] >= 1.7 else "NOT met"
     print(f"  scaling 2 / 1 workers: {r['scaling_2_over_1']:.2f}x (target >= 1.7x: {met})")

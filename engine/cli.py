@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import InputError, OnnxplainError, OverwriteError
+from .protocol import RULES
 from .text import printable
 
 EXIT_FAILURE, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
@@ -75,6 +76,7 @@ def _cmd_compile(args) -> int:
         f"wrote {args.output}: rule {info.rule}, {info.num_classes} classes, lowered "
         f"{printable(', '.join(info.lowered_ops) or 'nothing')}; self-check {check['status']}"
     )
+    print(f"  passes: {printable(', '.join(f'{k} x{v}' for k, v in info.passes.items()) or 'none')}")
     if check.get("status") == "passed":
         g = check[info.input_gradient]
         print(
@@ -358,17 +360,30 @@ def _cmd_audit(args) -> int:
         args.workers = 2
     if args.workers < 1:
         raise UsageError(f"--workers must be >= 1, got {args.workers}")
+    if args.ray_data and args.ray is None:
+        raise UsageError("--ray-data needs --ray (Ray Data reads on a Ray cluster)")
     if args.ray is not None:
         import importlib.util
 
         if importlib.util.find_spec("ray") is None:
             raise UsageError("--ray needs Ray: pip install 'onnxplain[ray]'")
+    if args.ray_data or args.parquet:
+        _need_pyarrow("--ray-data" if args.ray_data else "--parquet")
+    if args.ray_data:
+        _quiet_ray_data()
     mparams, sparams = _audit_params(args, methods, metrics)
-    images = expand_paths(args.images)
+    # With --ray-data the IMAGES are Ray Data's to list (URIs, folders); only local patterns are
+    # expanded (by the Ray backend), and nothing is read here.
+    images = [] if args.ray_data else expand_paths(args.images)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: give a folder (audit.sqlite and report.html go in it)")
-    refuse_overwrite(out, [args.model, args.gradient_model, *images], "--out")
+    local_data = (
+        [d for d in args.images if "://" not in d] if args.ray_data else []
+    )  # remote: never the output
+    refuse_overwrite(out, [args.model, args.gradient_model, *images, *local_data], "--out")
+    if args.parquet:
+        refuse_overwrite(args.parquet, [args.model, args.gradient_model, *images, *local_data], "--parquet")
     clf = _load(args)
     target = _target(args.target, clf.labels, clf.num_classes)
     plan = Plan(
@@ -385,11 +400,22 @@ def _cmd_audit(args) -> int:
             from .audit.ray_backend import audit_on_ray  # the only module that imports ray
 
             summary = audit_on_ray(
-                clf, images, store, plan, address=args.ray, workers=args.workers, progress=progress
+                clf,
+                images or None,
+                store,
+                plan,
+                dataset=args.images if args.ray_data else None,
+                address=args.ray,
+                workers=args.workers,
+                progress=progress,
             )
         else:
             summary = audit(clf, images, store, plan, progress=progress)
         atomic_write_bytes(out / "report.html", audit_report(store).encode())
+        if args.parquet:
+            from .audit.parquet import write_parquet
+
+            write_parquet(store, args.parquet)
     if args.json:
         print(json.dumps({"out": str(out), **summary.__dict__}))
     else:
@@ -398,6 +424,43 @@ def _cmd_audit(args) -> int:
             f"{summary.skipped} already stored ({summary.seconds:.1f} s)"
         )
         print(f"wrote {printable(out / 'audit.sqlite')} and {printable(out / 'report.html')}")
+        if args.parquet:
+            print(f"wrote the results as Parquet into {printable(args.parquet)}")
+    return 0
+
+
+def _quiet_ray_data() -> None:
+    """Ray Data's INFO lines on stderr (execution plans, a note that progress bars are off) only
+    in its log file: the command's stderr keeps progress and errors."""
+    import logging
+
+    import ray.data  # noqa: F401  (it configures its logger when imported)
+
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.ERROR)
+
+
+def _need_pyarrow(option: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        raise UsageError(f"{option} needs pyarrow: pip install 'onnxplain[ray]'")
+
+
+def _cmd_audit_export(args) -> int:
+    from .audit import AuditStore
+    from .audit.parquet import write_parquet
+
+    _need_pyarrow("audit-export")
+    db = _audit_db(args.audit)
+    with AuditStore(db, create=False) as store:
+        counts = write_parquet(store, args.out)
+    if args.json:
+        print(json.dumps({"out": str(args.out), "rows": counts}))
+    else:
+        for name, n in counts.items():
+            print(f"wrote {printable(Path(args.out) / name)} ({n} rows)")
     return 0
 
 
@@ -425,8 +488,12 @@ def _cmd_evaluate(args) -> int:
     mparams, sparams = _audit_params(args, methods, metrics)
     out = Path(args.out) if args.out else None
     images = expand_paths(args.images) if args.images else []
+    if args.boxes and "pointing_game" not in metrics:
+        raise UsageError("--boxes is the pointing game's ground truth: add --metric pointing_game")
+    if args.boxes and ({"boxes", "masks"} & set(sparams.get("pointing_game", {}))):
+        raise UsageError("give the pointing game's boxes either with --boxes or with --param, not both")
     if out is not None:
-        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, *images], "-o")
+        refuse_overwrite(out, [args.model, args.gradient_model, args.maps, args.boxes, *images], "-o")
     clf = _load(args)
     target = _target(args.target, clf.labels, clf.num_classes)
     if args.maps:
@@ -443,6 +510,10 @@ def _cmd_evaluate(args) -> int:
             {"path": str(p), "sha256": file_sha256(p), "decoded": d.to_dict()}
             for p, d in zip(images, decoded)
         ]
+    if args.boxes:
+        from .groundtruth import boxes_for_images, read_boxes_file
+
+        sparams["pointing_game"]["boxes"] = boxes_for_images(read_boxes_file(args.boxes), info, args.boxes)
     summary = evaluate_to_dir(
         clf,
         x,
@@ -664,7 +735,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compile", help="write a standalone gradient model (explain anywhere)")
     p.add_argument("model")
     p.add_argument("-o", "--output", required=True)
-    p.add_argument("--rule", default="gradient", choices=["gradient", "guided_backprop", "deconvnet"])
+    p.add_argument("--rule", default="gradient", choices=list(RULES))
     p.add_argument("--layer", help="tap a tensor for Grad-CAM ('auto': the last conv feature map)")
     p.add_argument("--no-self-check", action="store_true")
     p.set_defaults(func=_cmd_compile)
@@ -734,6 +805,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--params", help="method/metric parameters as a JSON object")
     p.add_argument("--param", action="append", metavar="[NAME.]KEY=VALUE")
     p.add_argument("--gradient-model", help="a compiled gradient model (no builder needed)")
+    p.add_argument(
+        "--boxes",
+        help='pointing game ground truth: JSON {"image.jpg": [[x_min, y_min, x_max, y_max], ...]} '
+        "in the image's own pixels (inclusive), of the explained class",
+    )
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_evaluate)
@@ -759,7 +835,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("audit", help="methods and metrics over a folder into a resumable SQLite store")
     p.add_argument("model")
-    p.add_argument("images", nargs="+", help="image files, folders or glob patterns")
+    p.add_argument(
+        "images", nargs="+", help="image files, folders or glob patterns (with --ray-data: also URIs)"
+    )
     p.add_argument("-m", "--method", action="append", help="repeat for several (default saliency)")
     p.add_argument("--metric", action="append", help="repeat for several (each scores every method)")
     p.add_argument("--out", "-o", default="onnxplain-audit", help="folder: audit.sqlite, report.html")
@@ -778,9 +856,22 @@ def build_parser() -> argparse.ArgumentParser:
         "local one on 127.0.0.1",
     )
     p.add_argument("--workers", type=int, help="Ray actors, each with its own Classifier (default 2)")
+    p.add_argument(
+        "--ray-data",
+        action="store_true",
+        help="with --ray: Ray Data reads the IMAGES' bytes on the cluster (URIs such as "
+        "s3://BUCKET/PREFIX/, folders recursively, files, local glob patterns); the actors decode them",
+    )
+    p.add_argument("--parquet", metavar="DIR", help="also write the results as Parquet files into DIR")
     p.add_argument("--json", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_cmd_audit)
+
+    p = sub.add_parser("audit-export", help="an audit's results as Parquet files (one row per result)")
+    p.add_argument("audit", help="an audit folder or its audit.sqlite")
+    p.add_argument("out", help="folder for predictions, maps, metrics and images .parquet")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_cmd_audit_export)
 
     p = sub.add_parser("report", help="the HTML report of an audit database (or two audits compared)")
     p.add_argument("audit", help="an audit folder or its audit.sqlite")

@@ -10,6 +10,7 @@ gets a record of how it was decoded, resized and cropped (`ImageRecord`), which 
 
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -54,6 +55,47 @@ def read_images(
     paths, input_shape: tuple[int, ...], layout: str | None, input_range: tuple[float, float] = (0.0, 1.0)
 ) -> tuple[np.ndarray, list[ImageRecord]]:
     """The batch of :func:`load_images` and one :class:`ImageRecord` per file."""
+    return _batch([_Source(Path(p), str(Path(p))) for p in paths], input_shape, layout, input_range)
+
+
+def read_image_bytes(
+    blobs,
+    names,
+    input_shape: tuple[int, ...],
+    layout: str | None,
+    input_range: tuple[float, float] = (0.0, 1.0),
+) -> tuple[np.ndarray, list[ImageRecord]]:
+    """:func:`read_images` for encoded image files already in memory (the ``bytes`` column of
+    ``ray.data.read_binary_files``): the same decoder with the same pixel limit, bit depths, EXIF
+    orientation and errors. ``names`` (the files' paths) take the paths' place in error messages
+    and records, so a file read either way gives the same message and the same record."""
+    blobs, names = list(blobs), [str(n) for n in names]
+    if len(blobs) != len(names):
+        raise InputError(f"{len(blobs)} encoded images but {len(names)} names")
+    return _batch(
+        [_Source(_NamedBytes(b, n), n) for b, n in zip(blobs, names)], input_shape, layout, input_range
+    )
+
+
+class _NamedBytes(io.BytesIO):
+    """Bytes that Pillow names like the file they came from: its "cannot identify image file %r"
+    shows the object's repr, which for a path is the quoted path."""
+
+    def __init__(self, data: bytes, name: str) -> None:
+        super().__init__(data)
+        self._name = name
+
+    def __repr__(self) -> str:
+        return repr(self._name)
+
+
+@dataclass(frozen=True)
+class _Source:
+    source: Path | _NamedBytes  # what Pillow opens
+    name: str  # what messages and records call it
+
+
+def _batch(sources: list[_Source], input_shape, layout, input_range) -> tuple[np.ndarray, list[ImageRecord]]:
     if layout not in ("NCHW", "NHWC"):
         raise InputError(f"the model's layout is {layout!r}; image files need an NCHW or NHWC image model")
     c, h, w = input_shape if layout == "NCHW" else (input_shape[2], input_shape[0], input_shape[1])
@@ -61,8 +103,10 @@ def read_images(
         raise InputError(f"the model takes {c} channels; image files give 1 (grayscale) or 3 (RGB)")
     limit = env_int(MAX_PIXELS_VAR, DEFAULT_MAX_PIXELS, minimum=1)
     batch, records = [], []
-    for p in paths:
-        arr, record = _read_one(Path(p), c, h, w, limit)
+    for s in sources:
+        if isinstance(s.source, Path):
+            regular_file(s.source, "image file", ImageError)
+        arr, record = _read_one(s.source, s.name, c, h, w, limit)
         batch.append(arr.transpose(2, 0, 1) if layout == "NCHW" else arr)
         records.append(record)
     if not batch:
@@ -71,10 +115,9 @@ def read_images(
     return (np.stack(batch) * (hi - lo) + lo).astype(np.float32), records
 
 
-def _read_one(path: Path, c: int, h: int, w: int, limit: int) -> tuple[np.ndarray, ImageRecord]:
-    regular_file(path, "image file", ImageError)
+def _read_one(source, path: str, c: int, h: int, w: int, limit: int) -> tuple[np.ndarray, ImageRecord]:
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             width, height = img.size
             if width * height > limit:  # the header is read, no pixel decoded yet
                 raise ImageError(
@@ -85,7 +128,7 @@ def _read_one(path: Path, c: int, h: int, w: int, limit: int) -> tuple[np.ndarra
             orientation = int(img.getexif().get(0x0112, 1) or 1)
             img.load()
             img = ImageOps.exif_transpose(img)
-            planes, scale, converted = _planes(img, c)
+            planes, scale, converted = _planes(img, c, path)
     except ImageError:
         raise
     except (UnidentifiedImageError, Image.DecompressionBombError) as e:
@@ -102,7 +145,7 @@ def _read_one(path: Path, c: int, h: int, w: int, limit: int) -> tuple[np.ndarra
     return out.astype(np.float32), record
 
 
-def _planes(img: Image.Image, c: int) -> tuple[list[Image.Image], str, str]:
+def _planes(img: Image.Image, c: int, name: str) -> tuple[list[Image.Image], str, str]:
     """The image as ``c`` single-band planes Pillow can resize, how samples scale, and the conversion.
 
     8-bit data stays uint8 through the resize (bit-identical to resizing an RGB image); 16-bit and
@@ -112,7 +155,7 @@ def _planes(img: Image.Image, c: int) -> tuple[list[Image.Image], str, str]:
     if mode in _SIXTEEN_BIT or mode == "I":
         a = np.asarray(img, dtype=np.float64)
         if a.size and (a.min() < 0 or a.max() > 65535):
-            raise ImageError(f"{getattr(img, 'filename', '')}: {mode} samples outside the 16-bit range")
+            raise ImageError(f"{name}: {mode} samples outside the 16-bit range")
         plane = Image.fromarray((a / 65535.0).astype(np.float32), mode="F")
         return [plane] * c, "/65535", "gray->RGB (replicated)" if c == 3 else "none"
     if mode == "F":

@@ -7,8 +7,9 @@ new weights (``Classifier.with_initializers``). The gradient model keeps the for
 their own names (the builder copies the forward graph), but two compile steps bake constants
 computed from weights, which must be recomputed from the new ones:
 
-* the flipped, channel-swapped kernel of a stride-1 ConvGrad (``compile.lower.flipped_kernel``);
-* the Mul/Add factors of an eval-mode BatchNormalization (``compile.prepass.batchnorm_factors``);
+* the flipped, channel-swapped kernel of a stride-1 ConvGrad (``compile.lowering.conv.flipped_kernel``);
+* the Mul/Add factors of an eval-mode BatchNormalization
+  (``compile.rewrites.normalization.batchnorm_factors``);
 * the transposed MatMul weights of the MatMul gradients (``compile.ops_shapes``).
 
 ``derivations`` finds them in a compiled model by value (each is recomputed from the original
@@ -25,14 +26,15 @@ import onnx
 from onnx import numpy_helper
 
 from .compile.graph import attrs
-from .compile.lower import flipped_kernel
-from .compile.prepass import batchnorm_factors
+from .compile.lowering import flipped_kernel
+from .compile.rewrites import batchnorm_factors
 from .errors import InputError
 
 BLOCK_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
 DISTRIBUTIONS = ("normal", "uniform")
-# Name hints of the compiler-made constants computed from weights (compile/lower.py, prepass.py).
+# Name hints of the compiler-made constants computed from weights (compile/lowering/conv.py,
+# compile/rewrites/normalization.py, compile/ops_shapes.py).
 _BAKED_HINTS = ("conv_grad_kernel", "bn_a", "bn_b", "const_transposed")
 
 
@@ -184,7 +186,8 @@ def _swap_last_axes(v: np.ndarray) -> np.ndarray:
 
 def _candidates(forward: onnx.ModelProto) -> list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]]:
     """Every constant the compiler may bake from forward weights, as (name hint, sources,
-    compute); the hint is the one compile/lower.py and prepass.py give the constant's name."""
+    compute); the hint is the one compile/lowering/conv.py and compile/rewrites/normalization.py
+    give the constant's name."""
     found: list[tuple[str, tuple[str, ...], Callable[..., np.ndarray]]] = []
     for node in forward.graph.node:
         a = attrs(node)

@@ -282,6 +282,16 @@ class Classifier:
             act, grad = act.transpose(0, 2, 3, 1), grad.transpose(0, 2, 3, 1)
         return scores, act, grad
 
+    def excitation(
+        self, x: np.ndarray, target, layer: str | None = None, contrastive: bool = True
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(scores (N,), activation A of ``layer``, gradient G of the excitation graph): the
+        marginal winning probability there is A · G (engine.compile.excitation). ``layer``: None
+        (the last convolutional feature map, as the graph holds it), "input", or a tensor name."""
+        from .compile.excitation import run
+
+        return run(self, x, target, layer, contrastive)
+
     # ------------------------------------------------------------------ internals
     def _feeds(self, x, targets, mix):
         if targets.ndim == 2:  # class weights given (checked in _check_target)
@@ -303,7 +313,7 @@ class Classifier:
             src = model_bytes if model_bytes is not None else self._mf.model.SerializeToString()
             what = "the gradient model of" if key != "forward" else "the model"
             if key != "forward" and self.runtime == "onnxruntime":
-                from .compile.tune import tune_for_onnxruntime
+                from .compile.tuning import tune_for_onnxruntime
 
                 src = tune_for_onnxruntime(src)  # its NCHWc-tuned rewrites, exact on onnxruntime
             if self._overrides:
@@ -357,6 +367,32 @@ class Classifier:
             if init.name in values:
                 init.CopyFrom(numpy_helper.from_array(values[init.name], init.name))
         return model.SerializeToString()
+
+    def gradient_model_bytes(self, rule: str = "gradient", layer: str | None = None) -> bytes:
+        """The serialized gradient model of backward ``rule`` ("gradient", "guided_backprop",
+        "deconvnet"; ``layer``: the Grad-CAM tap, "auto" for the default one): the one given
+        (``gradient_model=``, :meth:`add_gradient_model`), else compiled now or taken from the
+        compiler cache. Another process loads it with :meth:`add_gradient_model` and needs no
+        builder (the Ray audit ships it to its workers). InputError where it was not given and no
+        builder is installed."""
+        key = (rule, layer)
+        if key not in self._compiled:
+            if not _builder_available():
+                raise InputError(
+                    f"no gradient model for rule {rule!r}{' layer ' + layer if layer else ''} was given "
+                    f"and no builder is installed; compile it with `onnxplain compile MODEL --rule {rule}`"
+                )
+            from .compile.cache import cached_gradient_model
+
+            data = cached_gradient_model(self._mf, rule=rule, layer=layer)
+            self._compiled[key] = (data, CompiledInfo.from_model(onnx.load_from_string(data)))
+        return self._compiled[key][0]
+
+    def add_gradient_model(self, source) -> None:
+        """Use the gradient model ``source`` (a path, bytes or ModelProto written by ``onnxplain
+        compile`` or :meth:`gradient_model_bytes`) for its rule and layer from now on. InputError
+        when it is not an onnxplain gradient model or was compiled from another model."""
+        self._add_gradient_model(source)
 
     def _add_gradient_model(self, source) -> None:
         if isinstance(source, onnx.ModelProto):
@@ -510,7 +546,7 @@ def _activation_bytes_per_example(model: onnx.ModelProto) -> int:
     activations alive, plus a few gradient-sized temporaries of the largest tensor. A tensor whose
     shape is unknown counts as large as the input."""
     from .compile.graph import infer_shapes
-    from .compile.prepass import fold_constant_subgraphs
+    from .compile.rewrites import fold_constant_subgraphs
 
     shapes = infer_shapes(fold_constant_subgraphs(model))
     inp = next(i for i in model.graph.input if i.name not in {t.name for t in model.graph.initializer})

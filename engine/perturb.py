@@ -43,6 +43,19 @@ def gaussian_blur(x: np.ndarray, sigma: float, axes: tuple[int, int]) -> np.ndar
     return ndimage.gaussian_filter(x, sigma=sigmas, mode="constant")
 
 
+def channel_first(draw, shape: tuple[int, ...], layout: str | None) -> np.ndarray:
+    """``draw(shape)`` made in channel-first order and returned in ``layout``.
+
+    Random tensors of an NHWC model are drawn as (…, C, H, W) and moved to (…, H, W, C), so a seed
+    puts the same numbers on the same pixel and channel whatever the layout: a PyTorch model and
+    its Keras port get the same noise (``onnxplain compare`` relies on it).
+    """
+    if layout != "NHWC" or len(shape) < 3:
+        return draw(tuple(shape))
+    *lead, h, w, c = shape
+    return np.moveaxis(draw((*lead, c, h, w)), -3, -1)
+
+
 def make_baseline(
     model: ClassifierLike,
     x: np.ndarray,
@@ -55,8 +68,8 @@ def make_baseline(
 
     "black": ``input_range`` low; "white": high; "blur": ``x`` blurred with ``blur_sigma`` over the
     spatial axes (zero padding, like Blur IG); "uniform": i.i.d. uniform within ``input_range``
-    from ``np.random.default_rng(seed)``; a number: that constant; an array shaped like one example
-    or like ``x``.
+    from ``np.random.default_rng(seed)``, drawn channel-first (:func:`channel_first`); a number:
+    that constant; an array shaped like one example or like ``x``.
     """
     lo, hi = (float(v) for v in model.input_range)
     if isinstance(baseline, str):
@@ -68,7 +81,8 @@ def make_baseline(
             return gaussian_blur(x, blur_sigma, spatial_axes(model))
         if baseline == "uniform":
             rng = np.random.default_rng(seed)
-            return rng.uniform(lo, hi, size=x.shape).astype(np.float32)
+            draw = channel_first(lambda shape: rng.uniform(lo, hi, size=shape), x.shape, model.layout)
+            return draw.astype(np.float32)
         raise ValueError(
             f"baseline must be 'black', 'white', 'blur', 'uniform', a number or an array; got {baseline!r}"
         )

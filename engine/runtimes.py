@@ -2,7 +2,7 @@
 OpenVINO (``runtime="openvino"``, its CPU plugin), a second, independent implementation of ONNX.
 
 Both run the same graphs. onnxruntime gets the gradient model with its tuned rewrites
-(``engine.compile.tune``); every other runtime gets the portable graph that ``compile`` writes.
+(``engine.compile.tuning``); every other runtime gets the portable graph that ``compile`` writes.
 OpenVINO is asked for full float32 inference (``INFERENCE_PRECISION_HINT=f32``: on CPUs with
 bf16 or AMX units it would otherwise compute in bf16), so both runtimes answer to float32 rounding.
 """

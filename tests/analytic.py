@@ -255,6 +255,42 @@ class ConvNet(AnalyticClassifier):
         dx = np.einsum("fc,nfhw->nchw", self.V, dz)
         return dx if self.layout == "NCHW" else dx.transpose(0, 2, 3, 1)
 
+    def excitation(self, x, target, layer=None, contrastive=True):
+        """Excitation backprop in closed form (relu only): (scores, activation, g) with the MWP
+        P = activation · g at the pooled map (layer None) or the input (layer "input")."""
+        assert self.activation == "relu" and layer in (None, "input")
+        x = self._check(x)
+        t = self._targets(target, len(x))
+        self.calls["excitation"] += 1
+        acts, gs = [], []
+        for s in self._split(len(x)):
+            self.chunks["excitation"] += 1
+            xs = self._nchw(x[s])
+            _, (z, u, a) = self._forward(x[s])
+            flat = a.reshape(len(xs), -1)
+
+            def top(w, flat=flat, rows=t[s]):  # d P / d a at the pooled map, P(target) = 1
+                wp = np.maximum(w, 0)[rows]
+                zp = (wp * flat).sum(1, keepdims=True)
+                return np.divide(wp, zp, out=np.zeros_like(wp), where=zp != 0)
+
+            g_a = top(self.W) - (top(-self.W) if contrastive else 0.0)
+            g_a = g_a.reshape(a.shape)
+            if layer is None:
+                act, g = a, g_a
+            else:  # average pool: positive weights, z+ = a; ReLU passes P; the 1x1 conv: V+
+                g_z = np.repeat(np.repeat(g_a, 2, axis=2), 2, axis=3) / 4.0 * (z > 0)
+                xp, vp = np.maximum(xs, 0), np.maximum(self.V, 0)
+                zp = np.einsum("fc,nchw->nfhw", vp, xp)
+                ratio = np.divide(z, zp, out=np.zeros_like(z), where=zp != 0)
+                act, g = xs, np.einsum("fc,nfhw->nchw", vp, g_z * ratio) * (xs > 0)
+            if self.layout == "NHWC" and layer == "input":
+                act, g = act.transpose(0, 2, 3, 1), g.transpose(0, 2, 3, 1)
+            acts.append(act)
+            gs.append(g)
+        scores = np.zeros(len(x), self.dtype)
+        return scores, np.concatenate(acts).astype(self.dtype), np.concatenate(gs).astype(self.dtype)
+
     def _layer(self, cache, dlogits, layer):
         assert layer in (None, "pool")
         a = cache[2]
@@ -282,6 +318,7 @@ SMALL_PARAMS = {
     "rise": {"n_masks": 200, "cells": 4, "keep_probability": 0.5},
     "occlusion": {"window": 3, "stride": 2},
     "xrai": {"steps": 9, "min_pixel_diff": 1, "segment_resize": None, "dilation_radius": 1},
+    "excitation_backprop": {},
 }
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import onnx
 import pytest
 from PIL import Image
 
@@ -126,6 +127,25 @@ class TestOnOneCluster:
         with AuditStore(tmp_path / "a.sqlite") as store:
             s2 = audit_on_ray(model, expand_paths([photos]), store, plan, on_workers=pytest.fail)
         assert (s2.computed, s2.skipped) == (0, 21)
+
+    def test_excitation_backprop_ships_its_own_graph(self, data, cluster, tmp_path):
+        model, photos, _ = data
+        plan = Plan(methods=[("excitation_backprop", {"layer": "input", "contrastive": False})], chunk=4)
+        with AuditStore(tmp_path / "ref.sqlite") as store:
+            audit(engine.load(model), expand_paths([photos]), store, plan)
+        with AuditStore(tmp_path / "a.sqlite") as store:
+            s = audit_on_ray(model, expand_paths([photos]), store, plan, workers=1)
+        assert s.computed == 14  # 7 predictions + 7 maps
+        assert _rows(tmp_path / "a.sqlite") == _rows(tmp_path / "ref.sqlite")
+        # the driver ships the excitation graph (workers need no builder), not only the gradient's
+        from engine.audit.ray_backend import _gradient_models
+        from engine.compile import CompiledInfo
+
+        shipped = [
+            CompiledInfo.from_model(onnx.load_from_string(b))
+            for b in _gradient_models(engine.load(model), plan)
+        ]
+        assert [(i.rule, i.layer) for i in shipped] == [("excitation", None)]
 
     def test_a_worker_sigkilled_mid_run_has_its_units_retried(self, data, cluster, tmp_path):
         model, photos, refs = data

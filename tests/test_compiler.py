@@ -8,10 +8,9 @@ import torch
 import torch.nn as nn
 
 import engine
-from engine.compile import compile_to_file
+from engine.compile import UnsupportedModelError, compile_to_file
 from engine.compile.builder import BuilderError
-from engine.compile.prepass import UnsupportedModelError
-from engine.compile.tune import tune_for_onnxruntime  # what an onnxruntime session runs
+from engine.compile.tuning import tune_for_onnxruntime  # what an onnxruntime session runs
 from engine.model import InputError
 from engine.modelfile import ModelFileError
 from tests.gradcheck import check_module, export, relative_error, torch_gradient

@@ -268,7 +268,7 @@ def _graph_with_constant_branch(expand_to):
 
 
 def test_constant_folding_evaluates_and_is_bounded():
-    from engine.compile.prepass import _FOLD_FLOOR, fold_constant_nodes
+    from engine.compile.rewrites.folding import _FOLD_FLOOR, fold_constant_nodes
 
     folded, count = fold_constant_nodes(_graph_with_constant_branch(8))
     assert count == 1 and [n.op_type for n in folded.graph.node] == ["Mul"]
@@ -376,7 +376,7 @@ def test_self_check_still_catches_a_small_lowering_error(tmp_path, monkeypatch):
 
     from engine.compile import LoweringError, compile_model
 
-    lower = importlib.import_module("engine.compile.lower")  # the package rebinds the name to a function
+    lower = importlib.import_module("engine.compile.lowering.registry")
     good = lower.LOWERINGS[("com.microsoft", "SigmoidGrad")]
 
     def off(node, ctx):

@@ -17,7 +17,7 @@ from onnx import helper, numpy_helper
 import engine
 from engine.compile import UnsupportedModelError
 from engine.compile.graph import infer_shapes
-from engine.compile.prepass import prepass
+from engine.compile.rewrites import apply_rewrites
 from tests.gradcheck import check_module, export, relative_error, torch_gradient
 from tests.test_coverage import _check, _info, check_onnx, onnx_classifier
 from tests.test_lowering import Head, Lambda
@@ -85,7 +85,7 @@ def test_resize_refusals_name_the_reason(tmp_path, case, match):
         )
     model = onnx.load(path)
     with pytest.raises(UnsupportedModelError, match=match):
-        prepass(model, "input")
+        apply_rewrites(model)
 
 
 # ------------------------------------- element-wise ops, reductions, scans, gathers (one model)
@@ -277,7 +277,7 @@ def test_einsum_is_a_matmul_and_matches_torch(tmp_path):
     model = onnx.load(path)
     shapes = infer_shapes(model)
     largest = max(int(np.prod([d for d in dims[1:]])) for dims in shapes.values() if dims and len(dims) > 1)
-    rewritten = prepass(model, "input")
+    rewritten, _ = apply_rewrites(model)
     ops = [n.op_type for n in rewritten.graph.node]
     assert "Einsum" not in ops and ops.count("MatMul") >= 8
     new_shapes = infer_shapes(rewritten)

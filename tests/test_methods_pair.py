@@ -116,13 +116,15 @@ def test_guided_ig(setup, quantile_shim, kw):
 
 @pytest.fixture
 def replay_normal(monkeypatch):
-    """Make PAIR's np.random.normal draw the normals our default_rng(seed) noise uses."""
+    """Make PAIR's np.random.normal draw the normals our default_rng(seed) noise uses: each HWC
+    copy drawn channel-first (C, H, W), as onnxplain draws noise for every layout."""
 
     def install(seed):
         rng = np.random.default_rng(seed)
 
         def normal(loc=0.0, scale=1.0, size=None):
-            return rng.standard_normal(size) * scale + loc
+            h, w, c = size
+            return np.moveaxis(rng.standard_normal((c, h, w)), 0, -1) * scale + loc
 
         monkeypatch.setattr(np.random, "normal", normal)
 

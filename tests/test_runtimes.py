@@ -11,7 +11,7 @@ import pytest
 
 import engine
 from engine.compile import CompiledInfo, compile_to_file, head
-from engine.compile.tune import tune_for_onnxruntime
+from engine.compile.tuning import tune_for_onnxruntime
 from models import zoo
 from tests.gradcheck import relative_error, torch_gradient
 

@@ -143,9 +143,18 @@ class _Keys:
         return out
 
 
+# Part of every key: bump it when the same model, image and parameters would give other numbers
+# (image decoding, a method's or metric's definition, its random draws), so a resumed audit
+# recomputes instead of mixing rows of two definitions. 2: random tensors drawn channel-first.
+RESULTS_REVISION = 2
+
+
 def _chunk_keys(model_sha, images, chunk_id, plan, methods, metrics) -> _Keys:
     target = "top1" if plan.target is None else int(plan.target)
-    pred = [result_key(model=model_sha, image=d, kind="prediction", chunk=chunk_id) for d in images]
+    rev = RESULTS_REVISION
+    pred = [
+        result_key(model=model_sha, image=d, kind="prediction", chunk=chunk_id, revision=rev) for d in images
+    ]
     mkeys, skeys = {}, {}
     for a, (name, full, _) in enumerate(methods):
         mkeys[a] = [
@@ -158,12 +167,13 @@ def _chunk_keys(model_sha, images, chunk_id, plan, methods, metrics) -> _Keys:
                 target=target,
                 output=plan.output,
                 chunk=chunk_id,
+                revision=rev,
             )
             for d in images
         ]
         for b, (metric, mfull, _) in enumerate(metrics):
             skeys[(a, b)] = [
-                result_key(source=k, kind="metric", name=metric, params=mfull, target=target)
+                result_key(source=k, kind="metric", name=metric, params=mfull, target=target, revision=rev)
                 for k in mkeys[a]
             ]
     return _Keys(pred, mkeys, skeys, methods, metrics)

@@ -1,42 +1,36 @@
 """The attribution compiler: ONNX classifier -> standard-ONNX input-gradient model.
 
-prepass -> head (+ tap) -> GradientGraphBuilder (builder interpreter) -> lower -> dead-code
-elimination -> opset pruning -> onnx.checker -> self-check against the builder's own graph.
-See design/ARCHITECTURE.md and design/lowering.md.
+One ordered pass list (``engine.compile.passes.COMPILE_PASSES``): opset upgrade, folding, the
+forward rewrites (``rewrites/``), the loss head (+ tap), GradientGraphBuilder (builder
+interpreter), the lowerings (``lowering/``), dead-code elimination, opset pruning; then
+onnx.checker and the self-check against the builder's own graph. The onnxruntime-specific
+rewrites (``tuning/``) run at load. Which passes fired, and how often, is recorded in the
+model's metadata (``CompiledInfo.passes``). See design/ARCHITECTURE.md and design/lowering.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
 
 from .. import __version__
-from ..errors import InputError
+from ..errors import InputError, LoweringError, UnsupportedModelError
 from ..modelfile import ModelFile, read_model
-from . import builder, head, ops_shapes, ste
-from .graph import (
-    eliminate_dead_code,
-    infer_shapes,
-    opset_version,
-    prune_opset_imports,
-    topological_sort,
-)
-from .lower import LoweringError, lower
-from .optimize import lower_opset_to_13
-from .prepass import UnsupportedModelError, prepass
-from .scratch import scratch_dir
+from . import builder, head
+from .domains import MAX_IR_VERSION, STANDARD_DOMAINS
+from .passes import COMPILE_PASSES, Compilation, passes_until, run_passes
+from .rules import BACKWARD_RULES
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
-# 9: portable graph with onnxruntime rewrites at load; activation/InstanceNorm/Pad rewrites,
-# constant folding, DivGrad (7: QDQ straight-through)
-COMPILER_VERSION = "9"
+# 10: the pass list, recorded in CompiledInfo.passes (graphs unchanged); 9: portable graph with
+# onnxruntime rewrites at load; activation/InstanceNorm/Pad rewrites, constant folding, DivGrad
+# (7: QDQ straight-through)
+COMPILER_VERSION = "10"
 GRADIENT_META = "onnxplain.gradient"
-MAX_IR_VERSION = 10
 
 __all__ = [
     "CompiledInfo",
@@ -46,6 +40,7 @@ __all__ = [
     "UnsupportedModelError",
     "BuilderError",
     "GRADIENT_META",
+    "MAX_IR_VERSION",
 ]
 BuilderError = builder.BuilderError
 
@@ -70,6 +65,9 @@ class CompiledInfo:
     # Rewrites tuned for one runtime, applied where that runtime loads the graph ({} in the
     # portable graph that compile writes; e.g. {"runtime": "onnxruntime", "conv_masks": 49}).
     tuned: dict = field(default_factory=dict)
+    # The compile passes that fired, in order, with how often ({"rewrite/BatchNormalization": 3,
+    # "build": 1, "lower/ConvGrad": 5, ...}; engine.compile.passes)
+    passes: dict = field(default_factory=dict)
 
     @classmethod
     def from_model(cls, model: onnx.ModelProto) -> CompiledInfo | None:
@@ -95,31 +93,19 @@ def compile_model(
     """
     mf = source if isinstance(source, ModelFile) else read_model(source)
     where = str(mf.path) if mf.path else "model"
-    if rule not in ("gradient", "guided_backprop", "deconvnet"):
-        raise InputError(f"unknown backward rule {rule!r}; use gradient, guided_backprop or deconvnet")
-    fwd = prepass(mf.model, mf.input_name, where)
-    fwd, qdq_pairs, qdq_tensors = ste.bypass(fwd)
-    shapes = infer_shapes(fwd)
-    tap = None
-    if layer is not None:
-        tap = head.last_feature_map(fwd, shapes) if layer == "auto" else layer
-        if tap not in shapes:
-            known = [n.output[0] for n in fwd.graph.node if n.op_type == "Conv"][-5:]
-            raise InputError(
-                f"{where}: layer {tap!r} is not a tensor of the model (last Conv outputs: {known})"
-            )
-    headed = _with_head(fwd, mf, shapes, tap)
-    built = _build(headed, mf, tap, rule, where)
-    ste.restore(built, qdq_pairs, qdq_tensors)
-    full_shapes = _shapes_for_lowering(headed, built)
-    ops_shapes.complete(fwd, built, full_shapes, mf.input_name, head.gradient_name)
-    try:
-        lowered_ops = lower(built, full_shapes)
-        ops_shapes.portable(built)
-    except LoweringError as e:
-        raise LoweringError(f"{where}: {e}") from e
-    if qdq_pairs:
+    if rule == "excitation":  # excitation backprop: a graph of its own (engine/compile/excitation.py)
+        from .excitation import compile_excitation
+
+        return compile_excitation(mf, layer, where)
+    if rule not in BACKWARD_RULES:
+        raise InputError(f"unknown backward rule {rule!r}; use {', '.join(BACKWARD_RULES)}")
+    c = Compilation(source=mf, model=mf.model, where=where, rule=rule, layer=layer)
+    fired = run_passes(COMPILE_PASSES, c)
+    built = c.model
+    lowered_ops = list(c.lowered_ops)
+    if c.qdq_pairs:
         lowered_ops.append("QuantizeLinear+DequantizeLinear (straight-through)")
+    tap = c.tap
     info = CompiledInfo(
         rule=rule,
         input=mf.input_name,
@@ -138,12 +124,13 @@ def compile_model(
             "builder": builder.BUILDER_REQUIREMENTS[0],
             "onnx": onnx.__version__,
         },
+        passes=fired,
     )
     _finish(built, info, mf)
     if self_check:
         from .selfcheck import self_check as run_check
 
-        info.self_check = run_check(built, headed, mf, info, where)
+        info.self_check = run_check(built, c.headed, mf, info, where)
     else:  # recorded, so a gradient model that was never checked says so
         info.self_check = {"status": "not run", "reason": "disabled (self_check=False)"}
     _set_meta(built, info)
@@ -152,91 +139,17 @@ def compile_model(
 
 def builder_graph(source, *, rule: str = "gradient") -> tuple[onnx.ModelProto, ModelFile]:
     """The builder's own (unlowered) gradient graph: the reference the lowering is checked
-    against, and the onnxruntime-training contender in the benchmarks."""
+    against, and the onnxruntime-training contender in the benchmarks (the compile passes up to
+    the build, without the quantized pairs' bypass)."""
     mf = source if isinstance(source, ModelFile) else read_model(source)
-    fwd = prepass(mf.model, mf.input_name)
-    headed = _with_head(fwd, mf, infer_shapes(fwd), None)
-    return _build(headed, mf, None, rule, "model"), mf
-
-
-def _with_head(fwd, mf: ModelFile, shapes, tap) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(fwd)
-    head.add_head(m, mf.output_name, mf.num_classes, mf.batch_dim)
-    if tap:
-        dims = list(shapes[tap])
-        dims[0] = mf.batch_dim
-        head.add_tap(m, tap, dims)
-    m.ir_version = min(m.ir_version, MAX_IR_VERSION)
-    return m
-
-
-def _build(headed, mf, tap, rule, where) -> onnx.ModelProto:
-    wrt = [mf.input_name] + ([head.TAP_DELTA] if tap else [])
-    with scratch_dir("build-") as tmp:
-        src, dst = Path(tmp) / "head.onnx", Path(tmp) / "grad.onnx"
-        onnx.save(headed, src)
-        try:
-            builder.call(
-                {
-                    "op": "build",
-                    "model": str(src),
-                    "output": str(dst),
-                    "loss": head.LOSS,
-                    "wrt": wrt,
-                    "rule": rule,
-                }
-            )
-        except builder.BuilderError as e:
-            raise _explain_build_failure(e, headed, where) from e
-        return onnx.load(dst)
-
-
-def _explain_build_failure(e, model, where):
-    """Name the node and op the builder could not differentiate."""
-    msg = str(e)
-    found = re.search(r"not been registered: (\S+) for node (.+)", msg)
-    if found:
-        op, node = found.group(1), found.group(2).strip()
-        return UnsupportedModelError(
-            f"{where}: node {node!r} (op {op}) cannot be differentiated: onnxruntime-training has no "
-            f"gradient for {op}. Rewrite that part of the model with differentiable standard ops "
-            "(or open an issue asking for a prepass rewrite of it)"
-        )
-    return builder.BuilderError(f"{where}: gradient build failed: {msg}")
-
-
-def _shapes_for_lowering(headed, built) -> dict:
-    shapes = infer_shapes(headed)
-    for vi in built.graph.value_info:
-        t = vi.type.tensor_type
-        if t.HasField("shape") and vi.name not in shapes:
-            shapes[vi.name] = [
-                d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim
-            ]
-    for name, dims in list(shapes.items()):  # a gradient has the shape of its tensor
-        shapes.setdefault(head.gradient_name(name), dims)
-    return shapes
+    c = Compilation(source=mf, model=mf.model, rule=rule)
+    run_passes(passes_until("build", skip=("ste_bypass",)), c)
+    return c.model, mf
 
 
 def _finish(built: onnx.ModelProto, info: CompiledInfo, mf: ModelFile) -> None:
+    """Metadata and the checks of the lowered graph (the passes have shaped it)."""
     g = built.graph
-    wanted = [info.logits, info.scores, info.input_gradient]
-    if info.tap:
-        wanted += [info.tap, info.tap_gradient]
-    by_name = {o.name: o for o in g.output}
-    outs = []
-    for name in wanted:
-        if name in by_name:
-            outs.append(by_name[name])
-        else:
-            outs.append(onnx.helper.make_empty_tensor_value_info(name))
-    del g.output[:]
-    g.output.extend(outs)
-    eliminate_dead_code(built)
-    topological_sort(built)
-    prune_opset_imports(built)
-    lower_opset_to_13(built, opset_version(built))
     built.ir_version = min(built.ir_version, MAX_IR_VERSION)
     del built.metadata_props[:]
     built.metadata_props.extend(mf.model.metadata_props)
@@ -245,7 +158,7 @@ def _finish(built: onnx.ModelProto, info: CompiledInfo, mf: ModelFile) -> None:
         onnx.checker.check_model(built)
     except onnx.checker.ValidationError as e:
         raise LoweringError(f"lowered gradient graph failed onnx.checker: {e}") from e
-    bad = sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in ("", "ai.onnx")})
+    bad = sorted({f"{n.domain}::{n.op_type}" for n in g.node if n.domain not in STANDARD_DOMAINS})
     if bad:
         raise LoweringError(f"lowered gradient graph still holds non-standard ops: {bad}")
 

@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper, shape_inference
 
-STANDARD_DOMAINS = ("", "ai.onnx")
+from .domains import STANDARD_DOMAINS
 
 
 def opset_version(model: onnx.ModelProto) -> int:
@@ -16,6 +16,11 @@ def opset_version(model: onnx.ModelProto) -> int:
         if imp.domain in STANDARD_DOMAINS:
             return imp.version
     raise ValueError("model has no default-domain opset import")
+
+
+def is_standard(node: onnx.NodeProto) -> bool:
+    """Whether ``node`` is a standard ONNX op (not com.microsoft or another custom domain)."""
+    return node.domain in STANDARD_DOMAINS
 
 
 def infer_shapes(model: onnx.ModelProto) -> dict[str, list[int | str | None]]:

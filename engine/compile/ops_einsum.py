@@ -1,6 +1,6 @@
 """Einsum as Transpose/Reshape/MatMul (issue #9 §1: a memory-lean Einsum).
 
-The prepass's definition-based rewrite (prepass._einsum) multiplies every operand broadcast onto
+The prepass's definition-based rewrite (rewrites/einsum.py) multiplies every operand broadcast onto
 one axis per index letter, so an attention contraction "bhid,bhjd->bhij" holds b·h·i·j·d numbers at
 once. Here the operands are contracted pairwise, left to right, as a batched matrix product: for
 each pair the letters are grouped into batch (in both, still needed), contracted (in both, not
@@ -54,7 +54,7 @@ def parse(eq: str, ranks: list[int | None]) -> tuple[list[str], str] | None:
 
 
 def einsum(node, ctx, where):
-    from .prepass import _einsum
+    from .rewrites.einsum import _einsum
 
     eq = attrs(node)["equation"]
     eq = eq.decode() if isinstance(eq, bytes) else eq

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper
 
 from ..errors import LoweringError
 from .graph import attrs
-from .lower import lowering, make
+from .lowering.registry import lowering, make
 
 
 def _zeros(ctx, shape, out):

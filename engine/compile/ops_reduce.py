@@ -222,7 +222,7 @@ def _reduce_log_sum_exp(node, ctx, where):
     the result is softmax(x), as torch's logsumexp backward (the builder's own fails below 18)."""
     if ctx.opset >= 18:
         return [node]
-    from .prepass import _reduce_max
+    from .rewrites.reductions import _reduce_max
 
     f = ctx.fresh
     m, d, e, s, log, summed = f("lse_max"), f("lse_d"), f("lse_exp"), f("lse_sum"), f("lse_log"), f("lse")

@@ -152,9 +152,7 @@ def measure(fwd: onnx.ModelProto, input_name: str, shapes: dict, wanted=None) ->
     try:
         sess = ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"])
         rng = np.random.default_rng(0)
-        runs = [
-            sess.run(wanted, {input_name: rng.uniform(0, 1, (b, *dims[1:])).astype(elem)}) for b in batches
-        ]
+        runs = [sess.run(wanted, _feeds(g, input_name, dims, b, elem, rng)) for b in batches]
     except Exception:  # a shape convenience: without it the lowering refuses with its own message
         return 0
     changed = 0
@@ -171,6 +169,19 @@ def measure(fwd: onnx.ModelProto, input_name: str, shapes: dict, wanted=None) ->
         ]
         changed += 1
     return changed
+
+
+def _feeds(g, input_name, dims, batch, elem, rng) -> dict:
+    """Random input at ``batch``; zeros for the other inputs (the loss head's class weights and
+    output mix), their symbolic dims taken as the batch."""
+    feeds = {input_name: rng.uniform(0, 1, (batch, *dims[1:])).astype(elem)}
+    for i in g.input:
+        if i.name == input_name:
+            continue
+        t = i.type.tensor_type
+        shape = [d.dim_value if d.HasField("dim_value") else batch for d in t.shape.dim]
+        feeds[i.name] = np.zeros(shape, onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+    return feeds
 
 
 def complete(fwd, built, shapes: dict, input_name: str, gradient_name) -> None:

@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import onnx
 
+from ..errors import LoweringError
 from . import builder, head, ops_shapes
 from .graph import attrs
-from .lower import LoweringError
+from .rules import gradient_definitions
 from .scratch import scratch_dir
 
 CHECK_BATCH = 2
@@ -133,7 +134,7 @@ def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
                 "output": str(t / "grad.onnx"),
                 "loss": head.LOSS,
                 "wrt": [mf.input_name] + ([head.TAP_DELTA] if info.tap else []),
-                "rule": info.rule,
+                "gradients": gradient_definitions(info.rule),
             }
         )
         np.savez(t / "feeds.npz", **feeds)

@@ -19,6 +19,7 @@ from engine.errors import InputError, ParameterError
 from engine.methods.agi import agi
 from engine.methods.blur_ig import blur_ig
 from engine.methods.common import Target, check_input, check_output
+from engine.methods.excitation_backprop import excitation_backprop
 from engine.methods.grad_cam import grad_cam
 from engine.methods.gradients import deconvnet, gradient_x_input, guided_backprop, saliency
 from engine.methods.guided_ig import guided_ig
@@ -48,6 +49,7 @@ METHODS: dict[str, Callable[..., Any]] = {
     "rise": rise,
     "occlusion": occlusion,
     "xrai": xrai,
+    "excitation_backprop": excitation_backprop,
 }
 
 

@@ -9,6 +9,7 @@ import numpy as np
 
 from engine.methods.common import Target, prepare
 from engine.methods.stream import chunk_rows
+from engine.perturb import channel_first
 from engine.protocol import ClassifierLike
 
 NOISE_RANGES = ("image", "input_range")
@@ -47,8 +48,10 @@ def smoothgrad(
     σ = noise_level · range, range = max(x_i) − min(x_i) over all elements of each image
     (noise_range="image", PAIR's stdev_spread) or ``input_range`` high − low ("input_range").
     Noise: ``np.random.default_rng(seed).standard_normal((N, samples, *input_shape))``, image by
-    image then sample by sample, so it replays PAIR's sequence of ``np.random.normal`` draws when
-    the global generator yields the same normals. No clipping of x + n (as PAIR).
+    image then sample by sample, each copy drawn channel-first (C, H, W) and moved to the model's
+    layout (``engine.perturb.channel_first``: an NHWC port gets the same noise per pixel). PAIR's
+    ``np.random.normal`` draws are replayed when the global generator yields the same normals in
+    that order. No clipping of x + n (as PAIR).
     The target is resolved on the clean x and kept for every noisy copy. ``base`` is any METHODS
     name, called with ``base_params`` on chunks of the N × samples noisy copies (the model's
     ``batch_size`` copies each, image by image then sample by sample), the noise drawn chunk by
@@ -89,7 +92,8 @@ def smoothgrad(
         stop = min(start + chunk, n * s)
         img = np.arange(start, stop) // s
         # rows of the (N, samples, *input_shape) draw, in order: the same normals for any chunk
-        noise = rng.standard_normal((stop - start, *x.shape[1:])) * sigma[img, 0]
+        noise = channel_first(rng.standard_normal, (stop - start, *x.shape[1:]), model.layout)
+        noise = noise * sigma[img, 0]
         maps = METHODS[base](model, x64[img] + noise, target[img], output=output, **params)
         maps = np.asarray(maps, dtype=np.float64)
         maps = maps * maps if magnitude else maps

@@ -28,6 +28,7 @@ from PIL import Image
 from engine.errors import ParameterError
 from engine.methods.common import check_input, resolve_target
 from engine.metrics.base import MetricResult, metric
+from engine.perturb import channel_first
 from engine.postprocess import min_max
 
 
@@ -171,7 +172,7 @@ def max_sensitivity(
         count = min(chunk, samples - start)
         noisy = np.empty((count, *x.shape), np.float32)
         for s in range(count):
-            noisy[s] = x + rng.uniform(-r, r, size=x.shape)
+            noisy[s] = x + channel_first(lambda shape: rng.uniform(-r, r, size=shape), x.shape, model.layout)
         if clip:  # the model's valid inputs (explain warns about values outside them)
             np.clip(noisy, lo, hi, out=noisy)
         maps = _run(

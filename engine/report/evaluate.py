@@ -62,6 +62,7 @@ def evaluate_to_dir(
 ) -> dict:
     """Score every method's maps with every metric; write the outputs when ``out_dir`` is given."""
     from ..metrics import METRICS, evaluate, for_method, metric_parameters
+    from ..metrics.pointing import pointing_accuracy
 
     method_params = method_params or {}
 
@@ -72,6 +73,8 @@ def evaluate_to_dir(
     steps, total = 0, len(metrics) * len(maps)
     for metric in metrics:
         full = {**metric_parameters(metric), **params.get(metric, {})}
+        # per-image ground truth goes into each image's own record, not into every record's params
+        truth = {k: full.pop(k) for k in ("boxes", "masks") if full.get(k) is not None}
         for method, m in maps.items():
             if progress:
                 progress(f"{metric} of {method}", steps, total)
@@ -83,11 +86,16 @@ def evaluate_to_dir(
             for i, r in enumerate(scored):
                 d = r.to_dict()
                 d.update(method=method, image=images[i], params=jsonable(full))
+                if "boxes" in truth:
+                    d["boxes"] = jsonable(truth["boxes"][i])
                 results.append(d)
                 if r.curve_x is not None and r.curve_y is not None:
                     curves[metric][method].append((r.curve_x, r.curve_y))
             arrow = "↑" if METRICS[metric].higher_is_better else "↓"
-            table[method][f"{metric} {arrow}"] = _mean([r.score for r in scored])
+            if metric == "pointing_game":  # the paper's figure: hits / total per class, mean over classes
+                table[method][f"{metric} {arrow}"] = pointing_accuracy(scored)["accuracy"]
+            else:
+                table[method][f"{metric} {arrow}"] = _mean([r.score for r in scored])
     if progress:
         progress("evaluated", total, total)
     summary = {
