@@ -10,7 +10,7 @@ computed from weights, which must be recomputed from the new ones:
 * the flipped, channel-swapped kernel of a stride-1 ConvGrad (``compile.lowering.conv.flipped_kernel``);
 * the Mul/Add factors of an eval-mode BatchNormalization
   (``compile.rewrites.normalization.batchnorm_factors``);
-* the transposed MatMul weights of the MatMul gradients (``compile.ops_shapes``).
+* the transposed MatMul weights of the MatMul gradients (``compile.static_shapes``).
 
 ``derivations`` finds them in a compiled model by value (each is recomputed from the original
 weights and compared bit for bit), so nothing about the compiled file's naming is assumed.
@@ -34,7 +34,7 @@ BLOCK_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 NORMALISATION_OPS = ("BatchNormalization", "InstanceNormalization", "LayerNormalization")
 DISTRIBUTIONS = ("normal", "uniform")
 # Name hints of the compiler-made constants computed from weights (compile/lowering/conv.py,
-# compile/rewrites/normalization.py, compile/ops_shapes.py).
+# compile/rewrites/normalization.py, compile/static_shapes.py).
 _BAKED_HINTS = ("conv_grad_kernel", "bn_a", "bn_b", "const_transposed")
 
 
@@ -194,7 +194,7 @@ def _candidates(forward: onnx.ModelProto) -> list[tuple[str, tuple[str, ...], Ca
         if node.op_type == "Conv" and len(node.input) > 1:
             group = int(a.get("group", 1))
             found.append(("conv_grad_kernel", (node.input[1],), lambda w, g=group: flipped_kernel(w, g)))
-        elif node.op_type == "MatMul":  # Wᵀ of the MatMul gradients (compile/ops_shapes.py)
+        elif node.op_type == "MatMul":  # Wᵀ of the MatMul gradients (compile/static_shapes.py)
             for w in node.input[:2]:
                 found.append(
                     ("const_transposed", (w,), lambda v: np.ascontiguousarray(np.swapaxes(v, -1, -2)))

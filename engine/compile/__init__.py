@@ -26,10 +26,11 @@ from .passes import COMPILE_PASSES, Compilation, passes_until, run_passes
 from .rules import BACKWARD_RULES
 
 # Bump when the generated graphs change, so cached gradient models are rebuilt.
+# 11: Resize, ReduceProd, CumSum, Atan..., Einsum as MatMuls, measured pool dims, OpenVINO fix-ups;
 # 10: the pass list, recorded in CompiledInfo.passes (graphs unchanged); 9: portable graph with
 # onnxruntime rewrites at load; activation/InstanceNorm/Pad rewrites, constant folding, DivGrad
 # (7: QDQ straight-through)
-COMPILER_VERSION = "10"
+COMPILER_VERSION = "11"
 GRADIENT_META = "onnxplain.gradient"
 
 __all__ = [

@@ -39,9 +39,9 @@ def build(req):
     from onnxruntime.capi import _pybind_state as C
 
     _register_gradients(C, req["gradients"])
-    import ops_unary  # sibling file (this script's folder is on sys.path): Atan, Floor, ... gradients
+    import unary_gradients  # sibling file (this script's folder is on sys.path): Atan, Floor, ... gradients
 
-    ops_unary.register(C)
+    unary_gradients.register(C)
     with open(req["model"], "rb") as f:
         data = f.read()
     builder = C.GradientGraphBuilder(data, {req["loss"]}, set(req["wrt"]), req["loss"])

@@ -28,7 +28,7 @@ import onnx
 
 from ..errors import InputError, LoweringError, UnsupportedModelError
 from ..modelfile import ModelFile
-from . import builder, head, ops_shapes, ste
+from . import builder, head, static_shapes, ste
 from .domains import MAX_IR_VERSION
 from .graph import eliminate_dead_code, infer_shapes, opset_version, prune_opset_imports, topological_sort
 from .lowering import lower
@@ -214,9 +214,9 @@ def _shapes_for_lowering(headed, built) -> dict:
 def _lower(c: Compilation) -> dict[str, int]:
     try:
         shapes = _shapes_for_lowering(c.headed, c.model)
-        ops_shapes.complete(c.headed, c.model, shapes, c.source.input_name, head.gradient_name)
+        static_shapes.complete(c.headed, c.model, shapes, c.source.input_name, head.gradient_name)
         c.lowered_ops = lower(c.model, shapes)
-        ops_shapes.portable(c.model)
+        static_shapes.portable(c.model)
     except LoweringError as e:
         raise LoweringError(f"{c.where}: {e}") from e
     counts: dict[str, int] = {}

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 
 from ..errors import LoweringError
-from . import builder, head, ops_shapes
+from . import builder, head, static_shapes
 from .graph import attrs
 from .rules import gradient_definitions
 from .scratch import scratch_dir
@@ -99,7 +99,7 @@ def _static_batch(model: onnx.ModelProto, batch: int) -> onnx.ModelProto:
 
 
 def self_check(lowered, headed, mf, info, where: str, seed: int = 0) -> dict:
-    reasons = known_bad_kernels(headed) + ops_shapes.unknown_pool_dims(headed)
+    reasons = known_bad_kernels(headed) + static_shapes.unknown_pool_dims(headed)
     if reasons:
         return {"status": "skipped", "reason": "; ".join(reasons[:3])}
     import onnxruntime as ort

@@ -17,9 +17,16 @@ from __future__ import annotations
 import onnx
 
 from ...errors import LoweringError
-from .. import ops_gather  # noqa: F401, E402  (issue #9 §1: GatherElements/GatherND/Trilu)
 from ..graph import GraphContext, is_standard
-from . import activations, arithmetic, conv, norm, pool, tensor  # noqa: F401  (they register)
+from . import (  # noqa: F401  (they register)
+    activations,
+    arithmetic,
+    conv,
+    gather,  # noqa: F401, E402  (GatherElements/GatherND/Trilu gradients)
+    norm,
+    pool,
+    tensor,
+)
 from .conv import flipped_kernel
 from .registry import LOWERINGS, lowering
 

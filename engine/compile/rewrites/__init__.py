@@ -85,7 +85,8 @@ def isolate_input(m: onnx.ModelProto, input_name: str) -> None:
     m.graph.node.insert(0, helper.make_node("Identity", [input_name], [alias], name=alias))
 
 
-# issue #9 §1: rewrites kept in their own modules (engine/compile/ops_*.py)
-from .. import ops_einsum, ops_reduce, ops_resize  # noqa: E402
+# ops the builder lacks (issue #9 §1), each family with its own REWRITES table; einsum_matmul
+# replaces einsum's entry (the broadcast product stays its fallback)
+from . import aggregates, einsum_matmul, resize  # noqa: E402
 
-REWRITES.update({**ops_reduce.REWRITES, **ops_resize.REWRITES, **ops_einsum.REWRITES})
+REWRITES.update({**aggregates.REWRITES, **resize.REWRITES, **einsum_matmul.REWRITES})

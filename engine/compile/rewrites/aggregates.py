@@ -13,8 +13,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper, shape_inference
 
-from ..errors import UnsupportedModelError
-from .graph import attrs
+from ...errors import UnsupportedModelError
+from ..graph import attrs
 
 
 def _float_tensors(ctx) -> set[str]:
@@ -222,7 +222,7 @@ def _reduce_log_sum_exp(node, ctx, where):
     the result is softmax(x), as torch's logsumexp backward (the builder's own fails below 18)."""
     if ctx.opset >= 18:
         return [node]
-    from .rewrites.reductions import _reduce_max
+    from .reductions import _reduce_max
 
     f = ctx.fresh
     m, d, e, s, log, summed = f("lse_max"), f("lse_d"), f("lse_exp"), f("lse_sum"), f("lse_log"), f("lse")
@@ -248,7 +248,7 @@ def _reduce_log_sum_exp(node, ctx, where):
 
 
 def _mod(node, ctx, where):
-    """Mod: dL/dX = dL/dY (registered in the builder, engine/compile/ops_unary.py); the gradient
+    """Mod: dL/dX = dL/dY (registered in the builder, engine/compile/unary_gradients.py); the gradient
     for the divisor is not, so a divisor computed from the input is refused."""
     if _is_float(ctx, node.input[0]) and ctx.const_value(node.input[1]) is None:
         raise UnsupportedModelError(

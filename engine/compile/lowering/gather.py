@@ -14,9 +14,9 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..errors import LoweringError
-from .graph import attrs
-from .lowering.registry import lowering, make
+from ...errors import LoweringError
+from ..graph import attrs
+from .registry import lowering, make
 
 
 def _zeros(ctx, shape, out):

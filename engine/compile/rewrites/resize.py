@@ -21,8 +21,8 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from ..errors import UnsupportedModelError
-from .graph import attrs
+from ...errors import UnsupportedModelError
+from ..graph import attrs
 
 _SKIP = {"axes", "keep_aspect_ratio_policy"}
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import helper
 
-from .graph import attrs
+from ..graph import attrs
 
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
@@ -54,7 +54,7 @@ def parse(eq: str, ranks: list[int | None]) -> tuple[list[str], str] | None:
 
 
 def einsum(node, ctx, where):
-    from .rewrites.einsum import _einsum
+    from .einsum import _einsum
 
     eq = attrs(node)["equation"]
     eq = eq.decode() if isinstance(eq, bytes) else eq
