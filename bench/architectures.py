@@ -334,6 +334,14 @@ def _build_torch(arch: Arch):
         import timm
 
         module = timm.create_model(arch.name, pretrained=False, **arch.kwargs)
+    # torchvision's ViTs and several timm models initialise the classifier head to zero, which
+    # makes every input gradient exactly zero and the comparison empty: give such all-zero
+    # weight matrices seeded random values (biases and 1-D scales keep their initialisation).
+    generator = torch.Generator().manual_seed(SEED)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.ndim >= 2 and not p.any():
+                p.copy_(0.02 * torch.randn(p.shape, generator=generator))
     return module.eval()
 
 
@@ -716,6 +724,7 @@ def main(argv=None) -> list[Result]:
     parser.add_argument(
         "--tier", choices=("all", "small", "large"), default="all", help="large: ~100M+ params"
     )
+    parser.add_argument("--reverse", action="store_true", help="back to front (a second sweep from the end)")
     parser.add_argument("--jobs", type=int, default=1, help="architectures measured at once (one core each)")
     parser.add_argument("--render", action="store_true", help="only rewrite the markdown from the JSON")
     parser.add_argument("--json", default=str(DEFAULT_JSON))
@@ -749,6 +758,8 @@ def main(argv=None) -> list[Result]:
         todo = [a for a in todo if a.key not in done]
     if args.tier != "all":
         todo = [a for a in todo if a.large == (args.tier == "large")]
+    if args.reverse:
+        todo.reverse()
     pool = ThreadPoolExecutor(max(1, args.jobs))
     futures = [pool.submit(run_isolated, arch, args.timeout) for arch in todo]
     for i, future in enumerate(as_completed(futures), 1):
