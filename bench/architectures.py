@@ -356,8 +356,6 @@ def _torch_gradient(module, x: np.ndarray, target: np.ndarray, dtype):
 
 
 def _run_torch(arch: Arch, work: Path, res: Result) -> None:
-    import copy
-
     import torch
 
     from exporters import torch as torch_export
@@ -403,7 +401,9 @@ def _run_torch(arch: Arch, work: Path, res: Result) -> None:
     ref_scores, ref32 = _torch_gradient(wrapped, x, target, torch.float32)
     res.seconds["torch"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    wrapped64 = copy.deepcopy(wrapped).double()
+    # a fresh build (same seed, same weights), not a deepcopy: some models cache non-leaf tensors
+    # (attention biases) in eval mode, which neither deepcopy nor .double() converts
+    wrapped64 = torch_export.normalized(_build_torch(arch), IMAGENET_MEAN, IMAGENET_STD, ndim=3).double()
     _, ref64 = _torch_gradient(wrapped64, x, target, torch.float64)
     del wrapped64
     res.seconds["float64"] = round(time.perf_counter() - t, 1)
