@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 BUILDER_STAMP := $(VENV)/.builder
 
-.PHONY: setup demo test lint bench fuzz browser clean
+.PHONY: setup demo test lint bench fuzz browser sweep clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,14 @@ browser:
 
 bench: setup
 	$(BIN)/python -m bench.gradient
+
+# The real-architecture sweep (issue #9 §1): every torchvision classification model, every Keras
+# application and ~90 timm models with random weights, each exported, compiled and its input
+# gradient checked against the framework (and float64 torch) in a subprocess of its own; writes
+# docs/architectures.md and docs/architectures.json. Hours on 2 cores: niced, one thread per
+# runtime. tests/test_architectures.py runs six of them in `make test`.
+sweep: setup
+	nice -n 15 $(BIN)/python -m bench.architectures
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
