@@ -664,6 +664,26 @@ print("done")
 """
 
 
+def _metadata_difference(a: bytes, b: bytes) -> str:
+    """What differs between two compiled models: the graph, or which metadata entries."""
+    import onnx
+
+    ma, mb = onnx.load_from_string(a), onnx.load_from_string(b)
+    if ma.graph != mb.graph:
+        return "the graphs differ"
+    pa = {p.key: p.value for p in ma.metadata_props}
+    pb = {p.key: p.value for p in mb.metadata_props}
+    out = []
+    for k in sorted(set(pa) | set(pb)):
+        if pa.get(k) != pb.get(k):
+            try:
+                ja, jb = json.loads(pa[k]), json.loads(pb[k])
+                out += [f"{k}.{f}: {ja.get(f)} != {jb.get(f)}" for f in ja if ja.get(f) != jb.get(f)]
+            except (KeyError, TypeError, ValueError, AttributeError):
+                out.append(f"{k}: {pa.get(k)} != {pb.get(k)}")
+    return "; ".join(out)
+
+
 def test_sigkill_during_compile_then_compile_again(linear_file, tmp_path, fresh_cache):
     """Killed at several points of a compile, the next compile gives the same bits as a clean one
     and the cache holds exactly one valid entry, no temporary files and no scratch folders."""
@@ -703,7 +723,9 @@ def test_sigkill_during_compile_then_compile_again(linear_file, tmp_path, fresh_
         )
         assert again.returncode == 0, again.stderr
         found = cache.entries()
-        assert len(found) == 1 and (cache.cache_dir() / f"{found[0].key}.onnx").read_bytes() == reference
+        assert len(found) == 1
+        got = (cache.cache_dir() / f"{found[0].key}.onnx").read_bytes()
+        assert got == reference, (delay, _metadata_difference(reference, got))
         leftovers = [
             p.name
             for p in cache.cache_dir().iterdir()

@@ -109,12 +109,6 @@ def case(method: str, ways: str, model: str = "twin", **kw: Any) -> Case:
     return Case(method, ways, model, params, **kw)
 
 
-_OPENVINO_MATMUL = (
-    "the Keras twin's Dense layer is a MatMul: its gradient's ReduceSum takes axes computed at run "
-    "time (BroadcastGradientArgs over a builder tensor with no recorded shape), which OpenVINO "
-    "cannot load (docs/runtimes.md, the transformers' limit)"
-)
-
 CASES: list[Case] = [
     # -- PyTorch twin vs Keras twin: every registered method ----------------------------------
     case("saliency", "torch-keras"),
@@ -186,5 +180,5 @@ CASES: list[Case] = [
     case("guided_backprop", "openvino", "mobilenetv2_block"),
     case("grad_cam", "openvino", "mobilenetv2_block"),
     case("occlusion", "openvino", "mobilenetv2_block", tolerance=SCORE_ROUNDING, scale="score"),
-    case("saliency", "openvino", "twin_keras", xfail=_OPENVINO_MATMUL, raises="RuntimeFailure"),
+    case("saliency", "openvino", "twin_keras"),  # MatMul-gradient shapes propagated (compiler 11)
 ]

@@ -248,10 +248,16 @@ def _eliminate_dead_code(state) -> int:
     return before - len(state.model.graph.node)
 
 
+def _node_order(model: onnx.ModelProto) -> list[tuple]:
+    # by content, not id(): protobuf hands out new wrapper objects, so ids are no identity and the
+    # recorded count (part of the compiled bytes) would vary from run to run
+    return [(n.name, n.op_type, tuple(n.input), tuple(n.output)) for n in model.graph.node]
+
+
 def _topological_sort(state) -> int:
-    before = [id(n) for n in state.model.graph.node]
+    before = _node_order(state.model)
     topological_sort(state.model)
-    return int([id(n) for n in state.model.graph.node] != before)
+    return int(_node_order(state.model) != before)
 
 
 def _prune_opset_imports(c: Compilation) -> int:
