@@ -237,8 +237,9 @@ class SplitAttention(nn.Module):
 def test_split_attention_average_pool(tmp_path):
     clf, _ = _check(SplitAttention(), (4, 7, 7), tmp_path)
     check = _info(clf).self_check
-    # the builder's own AveragePoolGrad kernel cannot run here; the reason is recorded
-    assert check["status"] == "skipped" and "AveragePool input dims" in check["reason"]
+    # the builder's AveragePoolGrad kernel needs the pool's input dims: the self-check measures
+    # them and writes them into its copy of the graph, so the check runs instead of being skipped
+    assert check["status"] == "passed", check
 
 
 # --------------------------------------------------------------------------------------- Einsum
